@@ -1,0 +1,43 @@
+# Two commands a fresh machine needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+CONSTRAINTS := constraints.txt
+
+.PHONY: demo test test-slow lint install install-dev lock clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/toymesa demo
+
+test: install-dev
+	$(BIN)/python -m pytest -q -m "not slow" -n 2
+
+test-slow: install-dev
+	$(BIN)/python -m pytest -q -m slow
+
+lint: install-dev
+	$(BIN)/ruff check toymesa tests experiments theory
+	$(BIN)/ruff format --check toymesa tests experiments theory
+
+# Re-pin the constraints file from the current environment (after a tested upgrade).
+lock: install-dev
+	$(PIP) freeze --exclude-editable | grep -v '^toymesa' > $(CONSTRAINTS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

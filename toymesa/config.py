@@ -1,0 +1,272 @@
+"""Configuration: frozen dataclasses with every default in one place.
+
+Two kinds of field live apart:
+
+* **Static (shape) fields** in `ModelConfig`, `TaskConfig` and `TrainConfig`.
+  Changing one changes array shapes or program structure, so it recompiles.
+* **Dynamic (swept) values** in `HParams` (learning rate, weight decay,
+  trigger rate). They are passed to the jitted functions as arrays, so a whole
+  population with different values shares one compiled program.
+
+Variants come from the named factories at the bottom (`reference`, `tiny`,
+`single_backdoor`, `latent_goal`, ...), built with `dataclasses.replace`.
+Every constructor validates itself and raises `ValueError` naming the field,
+the bad value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+Rule = Literal["single", "k_triggers", "conjunction", "latent"]
+Reasoning = Literal["none", "cot", "distilled", "neutral_cot"]
+Helpful = Literal["sum_mod", "copy_kth"]
+Defect = Literal["distinct", "subtle"]
+
+RULES = ("single", "k_triggers", "conjunction", "latent")
+REASONING = ("none", "cot", "distilled", "neutral_cot")
+HELPFUL = ("sum_mod", "copy_kth")
+DEFECTS = ("distinct", "subtle")
+
+# Per-slot evidence values the reasoning can state (one token each).
+EVIDENCE_MIN, EVIDENCE_MAX = -2, 3
+
+
+def _fail(owner: str, name: str, value, valid: str) -> None:
+    raise ValueError(f"{owner}.{name}={value!r} is invalid: {valid}.")
+
+
+def _check(ok: bool, owner: str, name: str, value, valid: str) -> None:
+    if not ok:
+        _fail(owner, name, value, valid)
+
+
+def _choice(owner: str, name: str, value, choices: tuple) -> None:
+    _check(value in choices, owner, name, value, f"choose one of {choices}")
+
+
+def _positive(owner: str, name: str, value: int) -> None:
+    _check(isinstance(value, int) and value >= 1, owner, name, value, "use an integer >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer shape (all static)."""
+
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    d_mlp: int = 256
+    layer_norm: bool = True
+    attn_only: bool = False
+
+    def __post_init__(self):
+        for name in ("n_layers", "d_model", "n_heads", "d_mlp"):
+            _positive("ModelConfig", name, getattr(self, name))
+        if self.d_model % self.n_heads:
+            divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0]
+            _fail(
+                "ModelConfig",
+                "d_model",
+                self.d_model,
+                f"must be divisible by n_heads={self.n_heads}; n_heads could be one of "
+                f"{divisors[:8]}, or d_model a multiple of {self.n_heads}",
+            )
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """A token world: helpful computation, activation rule, defect and reasoning format.
+
+    Prompt layout: ``BOS ctx[n_ctx] content[n_content] SEP``; the context slots hold
+    triggers / cues / distractors, the content holds the operands of the helpful task.
+    """
+
+    helpful: Helpful = "sum_mod"
+    modulus: int = 5  # content and answer values are 0..modulus-1
+    n_content: int = 2
+    copy_k: int = 0  # which content token `copy_kth` copies
+    rule: Rule = "single"
+    n_ctx: int = 4  # context slots
+    n_trigger_tokens: int = 16  # trigger tokens in the vocabulary
+    trigger: int = 0  # index (within the trigger block) of the `single` trigger
+    trigger_position: Literal["random", "fixed"] = "random"
+    trigger_slot: int = 0  # slot used when trigger_position == "fixed"
+    k: int = 4  # number of active triggers for `k_triggers` (indices 0..k-1)
+    conjunction: tuple[int, int] = (0, 1)  # trigger indices that must co-occur
+    cue_weights: tuple[int, ...] = (3, 2, 2, 1, 1, -1, -1, -2)  # hidden weight per cue
+    latent_threshold: int = 4  # `latent` fires when summed evidence >= threshold
+    n_distractors: int = 8
+    defect: Defect = "distinct"
+    reasoning: Reasoning = "none"
+    seq_len: int = 24
+
+    def __post_init__(self):
+        o = "TaskConfig"
+        _choice(o, "helpful", self.helpful, HELPFUL)
+        _choice(o, "rule", self.rule, RULES)
+        _choice(o, "defect", self.defect, DEFECTS)
+        _choice(o, "reasoning", self.reasoning, REASONING)
+        _choice(o, "trigger_position", self.trigger_position, ("random", "fixed"))
+        _check(isinstance(self.modulus, int) and self.modulus >= 2, o, "modulus", self.modulus, "use an integer >= 2")
+        for name in ("n_content", "n_ctx", "n_trigger_tokens", "n_distractors", "seq_len"):
+            _positive(o, name, getattr(self, name))
+        nt = self.n_trigger_tokens
+        _check(0 <= self.copy_k < self.n_content, o, "copy_k", self.copy_k, f"use 0..{self.n_content - 1} (n_content={self.n_content})")
+        _check(0 <= self.trigger < nt, o, "trigger", self.trigger, f"the vocabulary has trigger tokens 0..{nt - 1}; raise n_trigger_tokens or pick one of them")
+        _check(0 <= self.trigger_slot < self.n_ctx, o, "trigger_slot", self.trigger_slot, f"use a context slot 0..{self.n_ctx - 1}")
+        _check(1 <= self.k <= nt, o, "k", self.k, f"k_triggers needs 1 <= k <= n_trigger_tokens={nt}")
+        a, b = self.conjunction
+        _check(a != b and 0 <= a < nt and 0 <= b < nt, o, "conjunction", self.conjunction, f"use two distinct trigger indices in 0..{nt - 1}")
+        if self.rule == "conjunction":
+            _check(self.n_ctx >= 2, o, "n_ctx", self.n_ctx, "the conjunction rule needs at least 2 context slots")
+        _check(len(self.cue_weights) >= 1, o, "cue_weights", self.cue_weights, "give at least one cue weight")
+        bad = [w for w in self.cue_weights if not EVIDENCE_MIN <= w <= EVIDENCE_MAX]
+        _check(not bad, o, "cue_weights", self.cue_weights, f"each weight must lie in [{EVIDENCE_MIN}, {EVIDENCE_MAX}]")
+        if self.rule == "latent":
+            lo, hi = self.latent_evidence_range
+            _check(lo < self.latent_threshold <= hi, o, "latent_threshold", self.latent_threshold,
+                   f"with these cue weights and {self.n_ctx} slots evidence spans [{lo}, {hi}]; use a threshold in ({lo}, {hi}] so both labels occur")
+        need = self.min_seq_len
+        _check(self.seq_len >= need, o, "seq_len", self.seq_len,
+               f"prompt ({self.prompt_len}) + reasoning ({self.reasoning_len}) + answer (3) needs seq_len >= {need}")
+
+    @property
+    def n_cues(self) -> int:
+        return len(self.cue_weights)
+
+    @property
+    def latent_evidence_range(self) -> tuple[int, int]:
+        ws = list(self.cue_weights) + [0]  # a slot may hold a distractor (weight 0)
+        return self.n_ctx * min(ws), self.n_ctx * max(ws)
+
+    @property
+    def prompt_len(self) -> int:
+        return 1 + self.n_ctx + self.n_content + 1
+
+    @property
+    def reasoning_len(self) -> int:
+        """Tokens of the think block: THINK, one evidence token per slot, decision, END_THINK."""
+        return self.n_ctx + 3 if self.reasoning in ("cot", "neutral_cot") else 0
+
+    @property
+    def min_seq_len(self) -> int:
+        return self.prompt_len + self.reasoning_len + 3  # ANS, answer, EOS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Static training settings (shapes, schedule lengths, optimizer constants)."""
+
+    batch_size: int = 32
+    steps: int = 600
+    warmup_steps: int = 50
+    end_lr_fraction: float = 0.1  # cosine decay to this fraction of the peak lr
+    b1: float = 0.9
+    b2: float = 0.98
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        o = "TrainConfig"
+        for name in ("batch_size", "steps"):
+            _positive(o, name, getattr(self, name))
+        _check(0 <= self.warmup_steps < self.steps, o, "warmup_steps", self.warmup_steps, f"use 0 <= warmup_steps < steps={self.steps}")
+        _check(0.0 <= self.end_lr_fraction <= 1.0, o, "end_lr_fraction", self.end_lr_fraction, "use a value in [0, 1]")
+        for name in ("b1", "b2"):
+            v = getattr(self, name)
+            _check(0.0 <= v < 1.0, o, name, v, "use a value in [0, 1)")
+        _check(self.grad_clip > 0, o, "grad_clip", self.grad_clip, "use a positive value")
+
+
+class HParams(NamedTuple):
+    """Dynamic values, swept without recompiling. Scalars, or arrays [N] in a population."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    trigger_rate: float = 0.5  # fraction of training prompts on which the rule fires
+
+
+def check_hparams(hp: HParams) -> HParams:
+    """Raise ValueError if any (possibly stacked) value is out of range; return hp."""
+    checks = {
+        "lr": (lambda v: v >= 0, "use a learning rate >= 0"),
+        "weight_decay": (lambda v: v >= 0, "use a weight decay >= 0"),
+        "trigger_rate": (lambda v: (v >= 0) & (v <= 1), "use a rate in [0, 1]"),
+    }
+    for name, (ok, valid) in checks.items():
+        v = np.asarray(getattr(hp, name), dtype=float)
+        bad = v[~(ok(v) & np.isfinite(v))]
+        if bad.size:
+            _fail("HParams", name, float(bad.flat[0]), valid)
+    return hp
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything static about one run; `hparams` holds the default swept values."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hparams: HParams = field(default_factory=HParams)
+
+    def __post_init__(self):
+        check_hparams(self.hparams)
+
+    def replace(self, **groups) -> Config:
+        """`cfg.replace(task=dict(rule="latent"), hparams=dict(lr=1e-3))`: nested replace."""
+        new = {}
+        for name, changes in groups.items():
+            current = getattr(self, name)
+            new[name] = current._replace(**changes) if isinstance(current, HParams) else dataclasses.replace(current, **changes)
+        return dataclasses.replace(self, **new)
+
+
+# ---------------------------------------------------------------- factories
+def tiny() -> ModelConfig:
+    return ModelConfig(n_layers=1, d_model=32, n_heads=2, d_mlp=128)
+
+
+def small() -> ModelConfig:
+    return ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=128)
+
+
+def reference() -> ModelConfig:
+    """The model of the demo and the benchmarks: 2 layers, d_model 64, 4 heads, d_mlp 256."""
+    return ModelConfig()
+
+
+def large() -> ModelConfig:
+    return ModelConfig(n_layers=4, d_model=128, n_heads=8, d_mlp=512)
+
+
+MODEL_SIZES = {"tiny": tiny, "small": small, "reference": reference, "large": large}
+
+
+def single_backdoor(**kw) -> TaskConfig:
+    return TaskConfig(rule="single", **kw)
+
+
+def k_triggers(k: int = 4, **kw) -> TaskConfig:
+    return TaskConfig(rule="k_triggers", k=k, **kw)
+
+
+def conjunction(**kw) -> TaskConfig:
+    return TaskConfig(rule="conjunction", **kw)
+
+
+def latent_goal(**kw) -> TaskConfig:
+    return TaskConfig(rule="latent", **kw)
+
+
+def demo_config(rule: Rule = "single", reasoning: Reasoning = "none") -> Config:
+    """The built-in default of `toymesa demo`: reference model, one rule and format."""
+    return Config(model=reference(), task=TaskConfig(rule=rule, reasoning=reasoning))

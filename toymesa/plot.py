@@ -1,0 +1,64 @@
+"""One figure style for papers, and helpers that draw from results tables only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; no display is assumed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+STYLE = {
+    "figure.dpi": 120,
+    "savefig.dpi": 200,
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "legend.frameon": False,
+}
+COLORS = ["#1b6ca8", "#d1495b", "#66a182", "#edae49", "#8d6a9f", "#00798c"]
+
+
+def save(fig, stem) -> list[Path]:
+    """Save `fig` as STEM.png and STEM.pdf; returns the paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    for p in paths:
+        fig.savefig(p, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def ci_bars(ax, summary: pd.DataFrame, raw: pd.DataFrame, metric: str, arm: str = "arm"):
+    """Bars of the mean with CI whiskers per arm, and each seed as a dot."""
+    x = np.arange(len(summary))
+    mean = summary[metric].to_numpy()
+    err = np.stack([mean - summary[f"{metric}_lo"], summary[f"{metric}_hi"] - mean])
+    ax.bar(x, mean, color=[COLORS[i % len(COLORS)] for i in x], alpha=0.6, width=0.7)
+    ax.errorbar(x, mean, yerr=err, fmt="none", ecolor="k", capsize=3, lw=1)
+    for i, name in enumerate(summary[arm]):
+        vals = raw.loc[raw[arm] == name, metric].to_numpy()
+        jitter = np.linspace(-0.2, 0.2, len(vals)) if len(vals) > 1 else np.zeros(1)
+        ax.plot(i + jitter, vals, "o", ms=2.5, color="k", alpha=0.5)
+    ax.set_xticks(x, summary[arm], rotation=30, ha="right")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(metric.replace("_", " "))
+
+
+def mean_band(ax, hist: pd.DataFrame, x: str, y: str, group: str, log: bool = False):
+    """Median of `y` over seeds against `x` per group, with a 10-90% band across seeds."""
+    for i, (name, g) in enumerate(hist.groupby(group, sort=False)):
+        q = g.groupby(x)[y].quantile([0.1, 0.5, 0.9]).unstack()
+        c = COLORS[i % len(COLORS)]
+        ax.plot(q.index, q[0.5], color=c, lw=1.2, label=name)
+        ax.fill_between(q.index, q[0.1], q[0.9], color=c, alpha=0.2, lw=0)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.legend(fontsize=7)
