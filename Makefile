@@ -37,7 +37,7 @@ lint: install-dev
 
 # Re-pin the constraints file from the current environment (after a tested upgrade).
 lock: install-dev
-	$(PIP) freeze --exclude-editable | grep -v '^toymesa' > $(CONSTRAINTS)
+	{ head -2 $(CONSTRAINTS); $(PIP) freeze --exclude-editable | grep -vi "^toymesa"; } > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -4,11 +4,18 @@ Every test module uses the same small configs (fixed shapes) so each jitted func
 compiled once per session; hypothesis draws values (seeds, positions, rates), never shapes.
 """
 
+import dataclasses
 import os
 
-import jax
-import pytest
-from hypothesis import HealthCheck, settings
+# XLA's CPU backend at optimisation level 0 compiles about twice as fast, and compiles dominate
+# this suite's time; the programs' semantics do not change. Set XLA_FLAGS yourself (e.g.
+# --xla_backend_optimization_level=2) to test the optimised backend. Must run before jax starts.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "standard")
@@ -23,6 +30,17 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Known library defect, silenced narrowly so that training can be tested at all:
+# toymesa/train.py (train_step) calls `optax.global_norm`, which optax >= 0.2.6 deprecates
+# (DeprecationWarning at trace time), and `filterwarnings = ["error"]` turns that into a
+# failure of every training step. tests/test_train.py::test_train_step_traces_without_deprecation_warnings
+# is a strict xfail that turns into a failure once the library is fixed: then delete this line.
+OPTAX_GLOBAL_NORM = "ignore:optax.global_norm is deprecated:DeprecationWarning"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("filterwarnings", OPTAX_GLOBAL_NORM)  # later entries win over "error"
+
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
@@ -30,3 +48,24 @@ def tiny_cfg():
     from toymesa.config import Config, TaskConfig, TrainConfig, tiny
 
     return Config(model=tiny(), task=TaskConfig(rule="single", reasoning="cot"), train=TrainConfig(batch_size=8, steps=6, warmup_steps=2))
+
+
+@pytest.fixture(scope="session")
+def variant_cfg(tiny_cfg):
+    """The tiny config with the model options flipped: no LayerNorm, attention-only blocks."""
+    return dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, layer_norm=False, attn_only=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_cfg):
+    """Freshly initialised parameters of the tiny model (fixed key)."""
+    from toymesa import model
+
+    return model.init_params(tiny_cfg, jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def variant_params(variant_cfg):
+    from toymesa import model
+
+    return model.init_params(variant_cfg, jax.random.key(1))

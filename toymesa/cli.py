@@ -7,6 +7,11 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="toymesa: falsifiable toy experiments on mesa-optimization.")
 
 
+@app.callback()
+def _root():
+    """toymesa: falsifiable toy experiments on mesa-optimization."""
+
+
 def _fmt(mean, lo, hi) -> str:
     return f"{100 * mean:5.1f}% [{100 * lo:5.1f}, {100 * hi:5.1f}]"
 
@@ -24,7 +29,7 @@ def demo(
 
     from toymesa import demo as demo_mod
 
-    console = Console()
+    console = Console(width=max(Console().width, 100))
     summary, paths, seconds = demo_mod.main(out=out, n_seeds=seeds, steps=steps, fresh=fresh, echo=console.print)
     table = Table(title=f"Installed behaviour, mean over {seeds} seeds [95% bootstrap CI]")
     for col in ["arm", "triggered defection", "untriggered defection", "helpful accuracy"]:

@@ -75,7 +75,7 @@ def figure(results: pd.DataFrame, summary: pd.DataFrame, history: pd.DataFrame, 
             plot.ci_bars(ax, summary, results, m)
         plot.mean_band(axes[3], history, "step", "loss", "arm", log=True)
         axes[3].set_title("training loss (median, 10-90% of seeds)")
-        fig.suptitle(f"Backdoors and goals as installed ({summary['n'].min()} seeds per arm, 95% bootstrap CI)")
+        fig.suptitle(f"Backdoors and goals as installed ({summary['n'].min()} seeds per arm, 95% bootstrap CI)", y=1.06)
         return plot.save(fig, out / "demo")
 
 

@@ -1,0 +1,247 @@
+"""Config validation: every invalid config raises ValueError naming the field and the bad value.
+
+Also checks that the named factories build valid configs and that nested `Config.replace` works.
+No JAX compiles here, so hypothesis may draw static fields (n_ctx, d_model, ...) freely.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from toymesa import config as C
+from toymesa import train
+from toymesa.config import Config, HParams, ModelConfig, TaskConfig, TrainConfig
+
+
+def assert_names(excinfo, field, value):
+    """The message names the field and the bad value, in the library's `Owner.field=value` form."""
+    msg = str(excinfo.value)
+    assert f"{field}={value!r}" in msg, msg
+
+
+def raises_naming(field, value, build):
+    with pytest.raises(ValueError) as excinfo:
+        build()
+    assert_names(excinfo, field, value)
+
+
+# ------------------------------------------------------------------ ModelConfig
+@given(n_heads=st.integers(2, 64), q=st.integers(0, 16), data=st.data())
+def test_d_model_not_divisible_by_n_heads(n_heads, q, data):
+    r = data.draw(st.integers(1, n_heads - 1), label="remainder")
+    d_model = n_heads * q + r
+    raises_naming("d_model", d_model, lambda: ModelConfig(d_model=d_model, n_heads=n_heads))
+
+
+@given(n_heads=st.integers(1, 16), q=st.integers(1, 16))
+def test_d_model_divisible_by_n_heads_is_accepted(n_heads, q):
+    m = ModelConfig(d_model=n_heads * q, n_heads=n_heads)
+    assert m.d_head * m.n_heads == m.d_model
+
+
+@pytest.mark.parametrize("name", ["n_layers", "d_model", "n_heads", "d_mlp"])
+@given(value=st.integers(-5, 0))
+def test_model_sizes_must_be_positive(name, value):
+    raises_naming(name, value, lambda: ModelConfig(**{name: value}))
+
+
+# ------------------------------------------------------------------ TaskConfig
+@given(n_trigger_tokens=st.integers(1, 32), over=st.integers(0, 100))
+def test_trigger_outside_vocabulary(n_trigger_tokens, over):
+    bad = n_trigger_tokens + over
+    raises_naming("trigger", bad, lambda: TaskConfig(trigger=bad, n_trigger_tokens=n_trigger_tokens))
+
+
+@given(bad=st.integers(-100, -1))
+def test_negative_trigger(bad):
+    raises_naming("trigger", bad, lambda: TaskConfig(trigger=bad))
+
+
+def expected_min_seq_len(reasoning, n_ctx, n_content):
+    """Independent count: BOS ctx content SEP | THINK evidence[n_ctx] decision END_THINK | ANS answer EOS."""
+    prompt = 1 + n_ctx + n_content + 1
+    think = n_ctx + 3 if reasoning in ("cot", "neutral_cot") else 0
+    return prompt + think + 3
+
+
+@pytest.mark.parametrize("reasoning", C.REASONING)
+@given(n_ctx=st.integers(2, 8), n_content=st.integers(1, 4))
+def test_seq_len_minimum(reasoning, n_ctx, n_content):
+    need = expected_min_seq_len(reasoning, n_ctx, n_content)
+    ok = TaskConfig(reasoning=reasoning, n_ctx=n_ctx, n_content=n_content, seq_len=need)
+    assert ok.min_seq_len == need
+    raises_naming("seq_len", need - 1, lambda: TaskConfig(reasoning=reasoning, n_ctx=n_ctx, n_content=n_content, seq_len=need - 1))
+
+
+@given(k=st.integers(17, 64))
+def test_more_k_triggers_than_trigger_tokens(k):
+    raises_naming("k", k, lambda: TaskConfig(rule="k_triggers", k=k, n_trigger_tokens=16))
+
+
+def test_k_equal_to_trigger_tokens_is_accepted():
+    assert TaskConfig(rule="k_triggers", k=16, n_trigger_tokens=16).k == 16
+    raises_naming("k", 17, lambda: TaskConfig(rule="k_triggers", k=17, n_trigger_tokens=16))
+    raises_naming("k", 0, lambda: TaskConfig(rule="k_triggers", k=0))
+
+
+names = st.text(min_size=0, max_size=12)
+
+
+@given(name=names)
+def test_unknown_rule(name):
+    assume(name not in C.RULES)
+    raises_naming("rule", name, lambda: TaskConfig(rule=name))
+
+
+@given(name=names)
+def test_unknown_reasoning(name):
+    assume(name not in C.REASONING)
+    raises_naming("reasoning", name, lambda: TaskConfig(reasoning=name))
+
+
+def evidence_range(weights, n_ctx):
+    """Reachable summed evidence: every slot holds a cue or a distractor (weight 0)."""
+    return n_ctx * min(min(weights), 0), n_ctx * max(max(weights), 0)
+
+
+weights = st.lists(st.integers(C.EVIDENCE_MIN, C.EVIDENCE_MAX), min_size=1, max_size=8).map(tuple)
+
+
+@given(w=weights, n_ctx=st.integers(1, 6), data=st.data())
+def test_latent_threshold_outside_reachable_range(w, n_ctx, data):
+    lo, hi = evidence_range(w, n_ctx)
+    bad = data.draw(st.one_of(st.integers(lo - 50, lo), st.integers(hi + 1, hi + 50)), label="threshold")
+    raises_naming("latent_threshold", bad, lambda: TaskConfig(rule="latent", cue_weights=w, n_ctx=n_ctx, latent_threshold=bad))
+
+
+@given(w=weights, n_ctx=st.integers(1, 6), data=st.data())
+def test_latent_threshold_inside_range_is_accepted(w, n_ctx, data):
+    lo, hi = evidence_range(w, n_ctx)
+    assume(lo < hi)
+    thr = data.draw(st.integers(lo + 1, hi), label="threshold")
+    task = TaskConfig(rule="latent", cue_weights=w, n_ctx=n_ctx, latent_threshold=thr)
+    # both labels are reachable: all slots at the max weight fire, all at the min do not
+    assert n_ctx * max(max(w), 0) >= task.latent_threshold > n_ctx * min(min(w), 0)
+
+
+# A table of the remaining checks: (class, kwargs, field, bad value).
+INVALID = [
+    (TaskConfig, dict(helpful="sum"), "helpful", "sum"),
+    (TaskConfig, dict(defect="loud"), "defect", "loud"),
+    (TaskConfig, dict(trigger_position="middle"), "trigger_position", "middle"),
+    (TaskConfig, dict(modulus=1), "modulus", 1),
+    (TaskConfig, dict(n_content=2, copy_k=2), "copy_k", 2),
+    (TaskConfig, dict(copy_k=-1), "copy_k", -1),
+    (TaskConfig, dict(n_ctx=4, trigger_slot=4), "trigger_slot", 4),
+    (TaskConfig, dict(conjunction=(3, 3)), "conjunction", (3, 3)),
+    (TaskConfig, dict(conjunction=(0, 16)), "conjunction", (0, 16)),
+    (TaskConfig, dict(rule="conjunction", n_ctx=1, seq_len=40), "n_ctx", 1),
+    (TaskConfig, dict(cue_weights=(1, C.EVIDENCE_MAX + 1)), "cue_weights", (1, C.EVIDENCE_MAX + 1)),
+    (TaskConfig, dict(cue_weights=()), "cue_weights", ()),
+    (TaskConfig, dict(n_distractors=0), "n_distractors", 0),
+    (TrainConfig, dict(batch_size=0), "batch_size", 0),
+    (TrainConfig, dict(steps=10, warmup_steps=10), "warmup_steps", 10),
+    (TrainConfig, dict(end_lr_fraction=1.5), "end_lr_fraction", 1.5),
+    (TrainConfig, dict(b1=1.0), "b1", 1.0),
+    (TrainConfig, dict(b2=-0.1), "b2", -0.1),
+    (TrainConfig, dict(grad_clip=0.0), "grad_clip", 0.0),
+]
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "field", "value"), INVALID, ids=[f"{c.__name__}.{f}={v!r}" for c, _, f, v in INVALID])
+def test_other_invalid_fields(cls, kwargs, field, value):
+    raises_naming(field, value, lambda: cls(**kwargs))
+
+
+# ------------------------------------------------------------------ HParams
+# magnitudes >= 1e-6 so the float32 stacking of `stack_hparams` cannot round them to -0.0
+finite_negative = st.floats(-1e6, -1e-6)
+outside_unit = st.one_of(st.floats(-1e6, -1e-6), st.floats(1, 1e6, exclude_min=True))
+
+
+@given(lr=finite_negative)
+def test_negative_learning_rate(lr):
+    raises_naming("lr", lr, lambda: Config(hparams=HParams(lr=lr)))
+    raises_naming("lr", lr, lambda: Config().replace(hparams=dict(lr=lr)))
+
+
+@given(wd=finite_negative)
+def test_negative_weight_decay(wd):
+    raises_naming("weight_decay", wd, lambda: Config(hparams=HParams(weight_decay=wd)))
+
+
+@given(rate=outside_unit)
+def test_trigger_rate_outside_unit_interval(rate):
+    raises_naming("trigger_rate", rate, lambda: Config(hparams=HParams(trigger_rate=rate)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_learning_rate(bad):
+    with pytest.raises(ValueError, match="lr="):
+        Config(hparams=HParams(lr=bad))
+
+
+@given(lr=finite_negative, position=st.integers(0, 3))
+def test_stacked_hparams_with_one_negative_lr(tiny_cfg, lr, position):
+    lrs = np.full(4, 1e-3)
+    lrs[position] = lr
+    shown = float(np.float32(lr))  # stacked values are float32, so the message shows the rounded value
+    raises_naming("lr", shown, lambda: train.stack_hparams(tiny_cfg, 4, lr=lrs))
+    hp = HParams(lr=lrs, weight_decay=np.zeros(4), trigger_rate=np.full(4, 0.5))
+    raises_naming("lr", shown, lambda: train.population(tiny_cfg, np.arange(4), hp))
+
+
+def test_population_hparams_shape_must_match_seeds(tiny_cfg):
+    hp = HParams(lr=np.full(3, 1e-3), weight_decay=np.zeros(3), trigger_rate=np.full(3, 0.5))
+    with pytest.raises(ValueError, match="hparams.lr"):
+        train.population(tiny_cfg, np.arange(4), hp)
+
+
+# ------------------------------------------------------------------ factories and replace
+@pytest.mark.parametrize("name", sorted(C.MODEL_SIZES))
+def test_model_factories(name):
+    m = C.MODEL_SIZES[name]()
+    assert isinstance(m, ModelConfig)
+    assert m.d_model % m.n_heads == 0
+    assert dataclasses.replace(m) == m  # revalidates
+
+
+@pytest.mark.parametrize(
+    ("factory", "rule"),
+    [(C.single_backdoor, "single"), (C.k_triggers, "k_triggers"), (C.conjunction, "conjunction"), (C.latent_goal, "latent")],
+)
+def test_task_factories(factory, rule):
+    t = factory()
+    assert isinstance(t, TaskConfig) and t.rule == rule
+    assert t.seq_len >= t.min_seq_len
+    t2 = factory(reasoning="cot", seq_len=40)
+    assert (t2.rule, t2.reasoning, t2.seq_len) == (rule, "cot", 40)
+
+
+def test_k_triggers_factory_sets_k():
+    assert C.k_triggers(3).k == 3
+    assert C.k_triggers(k=7).k == 7
+
+
+@pytest.mark.parametrize("rule", C.RULES)
+@pytest.mark.parametrize("reasoning", C.REASONING)
+def test_demo_config(rule, reasoning):
+    cfg = C.demo_config(rule, reasoning)
+    assert isinstance(cfg, Config)
+    assert (cfg.task.rule, cfg.task.reasoning) == (rule, reasoning)
+    assert cfg.task.seq_len >= cfg.task.min_seq_len
+    assert cfg.model == C.reference()
+
+
+def test_config_replace():
+    base = Config()
+    cfg = base.replace(task=dict(rule="latent"))
+    assert cfg.task.rule == "latent"
+    assert dataclasses.replace(cfg.task, rule=base.task.rule) == base.task  # nothing else changed
+    assert (cfg.model, cfg.train, cfg.hparams) == (base.model, base.train, base.hparams)
+    cfg = base.replace(hparams=dict(lr=1e-4), model=dict(n_layers=3))
+    assert cfg.hparams.lr == 1e-4 and cfg.hparams.weight_decay == base.hparams.weight_decay and cfg.model.n_layers == 3
+    raises_naming("rule", "nope", lambda: base.replace(task=dict(rule="nope")))
