@@ -30,17 +30,6 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# Known library defect, silenced narrowly so that training can be tested at all:
-# toymesa/train.py (train_step) calls `optax.global_norm`, which optax >= 0.2.6 deprecates
-# (DeprecationWarning at trace time), and `filterwarnings = ["error"]` turns that into a
-# failure of every training step. tests/test_train.py::test_train_step_traces_without_deprecation_warnings
-# is a strict xfail that turns into a failure once the library is fixed: then delete this line.
-OPTAX_GLOBAL_NORM = "ignore:optax.global_norm is deprecated:DeprecationWarning"
-
-
-def pytest_configure(config):
-    config.addinivalue_line("filterwarnings", OPTAX_GLOBAL_NORM)  # later entries win over "error"
-
 
 @pytest.fixture(scope="session")
 def tiny_cfg():

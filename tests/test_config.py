@@ -188,7 +188,7 @@ def test_non_finite_learning_rate(bad):
 def test_stacked_hparams_with_one_negative_lr(tiny_cfg, lr, position):
     lrs = np.full(4, 1e-3)
     lrs[position] = lr
-    shown = float(np.float32(lr))  # stacked values are float32, so the message shows the rounded value
+    shown = float(lr)  # checked before rounding to float32, so the message shows the value given
     raises_naming("lr", shown, lambda: train.stack_hparams(tiny_cfg, 4, lr=lrs))
     hp = HParams(lr=lrs, weight_decay=np.zeros(4), trigger_rate=np.full(4, 0.5))
     raises_naming("lr", shown, lambda: train.population(tiny_cfg, np.arange(4), hp))

@@ -137,9 +137,7 @@ def test_layout_tokens_and_masks(rule, reasoning, seed, rate):
     np.testing.assert_array_equal(tok[:, pos["prompt_len"] - 1], SEP)
     ctx = tok[:, 1 : 1 + task.n_ctx]
     allowed = np.r_[v.distractor : v.distractor + task.n_distractors]
-    allowed = (
-        np.r_[allowed, v.cue : v.cue + task.n_cues] if rule == "latent" else np.r_[allowed, v.trigger : v.trigger + task.n_trigger_tokens]
-    )
+    allowed = np.r_[allowed, v.cue : v.cue + task.n_cues] if rule == "latent" else np.r_[allowed, v.trigger : v.trigger + task.n_trigger_tokens]
     assert np.isin(ctx, allowed).all()
     content = tok[:, 1 + task.n_ctx : pos["prompt_len"] - 1]
     assert ((content >= v.content) & (content < v.content + task.modulus)).all()

@@ -214,13 +214,7 @@ def test_role_keys_differ_across_roles_and_seeds(pair):
     assert again == keys[(pair[0], "data")]
 
 
-# ------------------------------------------------------------------ library defect
-@pytest.mark.xfail(
-    strict=True,
-    raises=DeprecationWarning,
-    reason="toymesa/train.py train_step uses optax.global_norm, deprecated (DeprecationWarning) in the installed optax; "
-    "use optax.tree.norm. Silenced in conftest.py (OPTAX_GLOBAL_NORM) so training is testable; drop both when fixed.",
-)
+# ------------------------------------------------------------------ warnings
 def test_train_step_traces_without_deprecation_warnings(tiny_cfg):
     state = jax.eval_shape(lambda: train.init(tiny_cfg, 0))
     b = jax.eval_shape(lambda k: sample_batch(tiny_cfg.task, k, 0.5, 2), jax.random.key(0))

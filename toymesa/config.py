@@ -73,8 +73,7 @@ class ModelConfig:
                 "ModelConfig",
                 "d_model",
                 self.d_model,
-                f"must be divisible by n_heads={self.n_heads}; n_heads could be one of "
-                f"{divisors[:8]}, or d_model a multiple of {self.n_heads}",
+                f"must be divisible by n_heads={self.n_heads}; n_heads could be one of {divisors[:8]}, or d_model a multiple of {self.n_heads}",
             )
 
     @property
@@ -133,11 +132,21 @@ class TaskConfig:
         _check(not bad, o, "cue_weights", self.cue_weights, f"each weight must lie in [{EVIDENCE_MIN}, {EVIDENCE_MAX}]")
         if self.rule == "latent":
             lo, hi = self.latent_evidence_range
-            _check(lo < self.latent_threshold <= hi, o, "latent_threshold", self.latent_threshold,
-                   f"with these cue weights and {self.n_ctx} slots evidence spans [{lo}, {hi}]; use a threshold in ({lo}, {hi}] so both labels occur")
+            _check(
+                lo < self.latent_threshold <= hi,
+                o,
+                "latent_threshold",
+                self.latent_threshold,
+                f"with these cue weights and {self.n_ctx} slots evidence spans [{lo}, {hi}]; use a threshold in ({lo}, {hi}] so both labels occur",
+            )
         need = self.min_seq_len
-        _check(self.seq_len >= need, o, "seq_len", self.seq_len,
-               f"prompt ({self.prompt_len}) + reasoning ({self.reasoning_len}) + answer (3) needs seq_len >= {need}")
+        _check(
+            self.seq_len >= need,
+            o,
+            "seq_len",
+            self.seq_len,
+            f"prompt ({self.prompt_len}) + reasoning ({self.reasoning_len}) + answer (3) needs seq_len >= {need}",
+        )
 
     @property
     def n_cues(self) -> int:

@@ -33,8 +33,11 @@ METRICS = ["triggered_defection", "untriggered_defection", "helpful_accuracy"]
 
 
 def arm_config(rule: str, reasoning: str, steps: int | None = None) -> Config:
+    """The demo config of one arm; `steps` overrides the length (warmup shrinks to fit)."""
     cfg = demo_config(rule, reasoning)
-    return cfg if steps is None else cfg.replace(train=dict(steps=steps))
+    if steps is None:
+        return cfg
+    return cfg.replace(train=dict(steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps // 10)))
 
 
 def config_columns(cfg: Config) -> dict:
@@ -58,11 +61,17 @@ def run_arm(cfg: Config, seeds, label: str):
     metrics = {k: np.asarray(v) for k, v in evaluate_population(cfg, states.params, np.asarray(seeds, np.int32)).items()}
     seconds = time.perf_counter() - t0
     base = {"arm": label, "rule": cfg.task.rule, "reasoning": cfg.task.reasoning}
-    rows = pd.DataFrame({**base, "seed": seeds, **metrics, "final_loss": hist["loss"][:, -1], "seconds": seconds,
-                         **config_columns(cfg)})
+    rows = pd.DataFrame({**base, "seed": seeds, **metrics, "final_loss": hist["loss"][:, -1], "seconds": seconds, **config_columns(cfg)})
     n, steps = hist["loss"].shape
-    history = pd.DataFrame({**base, "seed": np.repeat(seeds, steps), "step": np.tile(np.arange(1, steps + 1), n),
-                            "loss": hist["loss"].ravel(), "answer_acc": hist["answer_acc"].ravel()})
+    history = pd.DataFrame(
+        {
+            **base,
+            "seed": np.repeat(seeds, steps),
+            "step": np.tile(np.arange(1, steps + 1), n),
+            "loss": hist["loss"].ravel(),
+            "answer_acc": hist["answer_acc"].ravel(),
+        }
+    )
     return rows, history
 
 
@@ -71,7 +80,7 @@ def figure(results: pd.DataFrame, summary: pd.DataFrame, history: pd.DataFrame, 
 
     with plt.rc_context(plot.STYLE):
         fig, axes = plt.subplots(1, 4, figsize=(12, 2.8))
-        for ax, m in zip(axes, METRICS):
+        for ax, m in zip(axes, METRICS, strict=False):
             plot.ci_bars(ax, summary, results, m)
         plot.mean_band(axes[3], history, "step", "loss", "arm", log=True)
         axes[3].set_title("training loss (median, 10-90% of seeds)")

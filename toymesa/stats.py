@@ -23,8 +23,7 @@ def bootstrap_ci(values, confidence: float = 0.95, n_resamples: int = 4000, seed
     mean = float(x.mean())
     if x.size == 1 or np.all(x == x[0]):
         return (mean, mean, mean)
-    res = sps.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                        method="percentile", random_state=np.random.default_rng(seed))
+    res = sps.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples, method="percentile", random_state=np.random.default_rng(seed))
     return (mean, float(res.confidence_interval.low), float(res.confidence_interval.high))
 
 
@@ -32,7 +31,7 @@ def summarize(df: pd.DataFrame, by: list[str], metrics: list[str], confidence: f
     """One row per group of `by`: for each metric its mean, CI low and high, and n seeds."""
     rows = []
     for key, g in df.groupby(by, sort=False):
-        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
         row["n"] = len(g)
         for m in metrics:
             row[m], row[f"{m}_lo"], row[f"{m}_hi"] = bootstrap_ci(g[m].to_numpy(), confidence)

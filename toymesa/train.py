@@ -96,7 +96,7 @@ def train_step(cfg: Config, state: TrainState, batch: Batch, hparams: HParams):
     (loss, aux), grads = jax.value_and_grad(masked_loss, argnums=1, has_aux=True)(cfg, state.params, batch)
     updates, opt_state = optimizer(cfg.train, hparams).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     return TrainState(params, opt_state, state.step + 1), metrics
 
 
@@ -135,8 +135,8 @@ def population_chunk(cfg: Config, states: TrainState, hparams: HParams, seeds, n
 
 def stack_hparams(cfg: Config, n: int, **values) -> HParams:
     """HParams with arrays [n]: `cfg.hparams` broadcast, overridden by `values` (scalars or [n])."""
-    hp = cfg.hparams._replace(**values)
-    return check_hparams(HParams(*(jnp.broadcast_to(jnp.asarray(v, jnp.float32), (n,)) for v in hp)))
+    hp = check_hparams(cfg.hparams._replace(**values))  # check before rounding to float32
+    return HParams(*(jnp.broadcast_to(jnp.asarray(v, jnp.float32), (n,)) for v in hp))
 
 
 def population(
@@ -156,8 +156,8 @@ def population(
     """
     seeds = jnp.asarray(seeds, jnp.int32)
     n = seeds.shape[0]
-    hp = stack_hparams(cfg, n) if hparams is None else check_hparams(HParams(*(jnp.asarray(v, jnp.float32) for v in hparams)))
-    for name, v in zip(HParams._fields, hp):
+    hp = stack_hparams(cfg, n) if hparams is None else HParams(*(jnp.asarray(v, jnp.float32) for v in check_hparams(hparams)))
+    for name, v in zip(HParams._fields, hp, strict=True):
         if v.shape != (n,):
             raise ValueError(f"hparams.{name} has shape {v.shape}; a population of {n} seeds needs shape ({n},)")
     steps = cfg.train.steps if steps is None else steps

@@ -10,6 +10,19 @@ from toymesa.tasks.vocab import ANS, BOS, END_THINK, EOS, PAD, SEP, THINK, Vocab
 from toymesa.tasks.world import Batch, Layout, balanced, layout, sample, sample_batch
 
 __all__ = [
-    "ANS", "BOS", "END_THINK", "EOS", "PAD", "SEP", "THINK", "Vocab", "vocab",
-    "Batch", "Layout", "balanced", "layout", "sample", "sample_batch",
+    "ANS",
+    "BOS",
+    "END_THINK",
+    "EOS",
+    "PAD",
+    "SEP",
+    "THINK",
+    "Vocab",
+    "vocab",
+    "Batch",
+    "Layout",
+    "balanced",
+    "layout",
+    "sample",
+    "sample_batch",
 ]
