@@ -62,19 +62,17 @@ class _Sites:
 
     def __init__(self, interventions):
         self.interventions = interventions or {}
-        unknown = set(self.interventions)
         self.cache = {}
-        self._unknown = unknown
 
     def __call__(self, name, x):
         x = _intervene(x, self.interventions.get(name))
-        self._unknown.discard(name)
         self.cache[name] = x
         return x
 
     def finish(self):
-        if self._unknown:
-            raise ValueError(f"unknown intervention site(s) {sorted(self._unknown)}; valid sites are {sorted(self.cache)}")
+        unknown = set(self.interventions) - set(self.cache)
+        if unknown:
+            raise ValueError(f"unknown intervention site(s) {sorted(unknown)}; valid sites are {sorted(self.cache)}")
         return self.cache
 
 
