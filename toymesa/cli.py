@@ -1,45 +1,234 @@
-"""The `toymesa` command."""
+"""The `toymesa` command: demo, run, sweep, figures, report, list, bench."""
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="toymesa: falsifiable toy experiments on mesa-optimization.")
 
+RESULTS = Path("results")
+
 
 @app.callback()
 def _root():
-    """toymesa: falsifiable toy experiments on mesa-optimization."""
+    """toymesa: falsifiable toy experiments on mesa-optimization.
+
+    Start with `toymesa demo`; `toymesa list` shows the experiments, `toymesa run NAME` runs
+    one, `toymesa sweep SPEC.toml` runs any spec. Results go under results/.
+    """
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=max(Console().width, 100))
+
+
+def _errors(fn):
+    """Bad input ends the command with one line saying what is wrong (exit 2); Ctrl-C keeps finished work."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.secho("interrupted: finished chunks are saved; rerun the same command to resume.", fg="yellow", err=True)
+            raise typer.Exit(130) from None
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            typer.secho(f"error: {msg}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _distributed(on: bool):
+    if on:
+        import jax
+
+        jax.distributed.initialize()  # coordinator, process count and id from the cluster's environment
 
 
 def _fmt(mean, lo, hi) -> str:
     return f"{100 * mean:5.1f}% [{100 * lo:5.1f}, {100 * hi:5.1f}]"
 
 
-@app.command()
-def demo(
-    out: str = typer.Option("results/demo", help="Folder for results, summary and figure."),
-    seeds: int = typer.Option(8, min=2, help="Seeds per arm (the CI is across seeds)."),
-    steps: int = typer.Option(None, min=1, help="Training steps per arm (default: the config's)."),
-    fresh: bool = typer.Option(False, help="Retrain arms even if finished results exist."),
-):
-    """Train single/latent backdoors in none/cot formats; print a table with 95% CIs; write a figure."""
-    from rich.console import Console
+def _print_table(console, title: str, summary, label: str, metrics: list[str]):
     from rich.table import Table
 
+    table = Table(title=title)
+    table.add_column(label, justify="left")
+    for m in metrics:
+        table.add_column(m.replace("_", " "), justify="right")
+    for _, r in summary.iterrows():
+        table.add_row(str(r[label]), *(_fmt(r[m], r[f"{m}_lo"], r[f"{m}_hi"]) for m in metrics))
+    console.print(table)
+
+
+def _print_verdicts(console, verdicts):
+    from rich.table import Table
+
+    if verdicts.empty:
+        return
+    table = Table(title="Hypotheses")
+    for col in ("id", "prediction", "verdict", "evidence"):
+        table.add_column(col, overflow="fold")
+    for _, r in verdicts.iterrows():
+        table.add_row(*(str(r[c]) for c in ("id", "prediction", "verdict", "evidence")))
+    console.print(table)
+
+
+@app.command()
+@_errors
+def demo(
+    out: Path = typer.Option(RESULTS / "demo", help="Run folder for results, summary and figures."),
+    seeds: int = typer.Option(8, min=2, help="Seeds per arm (the CI is across seeds)."),
+    steps: int = typer.Option(None, min=1, help="Training steps per arm (default: the config's)."),
+    fresh: bool = typer.Option(False, help="Discard finished arms in OUT and retrain."),
+):
+    """Train single/latent backdoors in none/cot formats; print a table with 95% CIs; write a figure.
+
+    Resumable: an interrupted demo keeps its finished arms; rerun the same command.
+    """
     from toymesa import demo as demo_mod
 
-    console = Console(width=max(Console().width, 100))
+    console = _console()
     summary, paths, seconds = demo_mod.main(out=out, n_seeds=seeds, steps=steps, fresh=fresh, echo=console.print)
-    table = Table(title=f"Installed behaviour, mean over {seeds} seeds [95% bootstrap CI]")
-    for col in ["arm", "triggered defection", "untriggered defection", "helpful accuracy"]:
-        table.add_column(col, justify="left" if col == "arm" else "right")
-    for _, r in summary.iterrows():
-        cells = [_fmt(r[m], r[f"{m}_lo"], r[f"{m}_hi"]) for m in demo_mod.METRICS]
-        table.add_row(r["arm"], *cells)
-    console.print(table)
+    _print_table(console, f"Installed behaviour, mean over {seeds} seeds [95% bootstrap CI]", summary, "arm", demo_mod.METRICS)
     console.print(f"results: {out}/results.csv, {out}/summary.csv; figure: {', '.join(map(str, paths))}")
     console.print(f"total time {seconds:.0f}s")
+
+
+def _finish(console, exp, out: Path):
+    summary = exp.table(out)
+    metrics = [m for m in ("triggered_defection", "untriggered_defection", "helpful_accuracy") if m in summary]
+    label = "arm" if "arm" in summary else "cell"
+    if label == "cell":
+        axes = [c for c in summary.columns if c.startswith("axis:")]
+        summary = summary.assign(cell=summary[axes].astype(str).agg(", ".join, axis=1) if axes else summary["cell"])
+    _print_table(console, f"{exp.name}: final behaviour, mean over seeds [95% bootstrap CI]", summary, label, metrics)
+    _print_verdicts(console, exp.verdicts(out))
+    paths = exp.figures(out)
+    console.print(f"results: {out}/results.csv (load with toymesa.store.load); figures: {', '.join(str(p) for p in paths if p.suffix == '.png')}")
+
+
+@app.command()
+@_errors
+def run(
+    name: str = typer.Argument(..., help="Experiment name (a folder of experiments/; see `toymesa list`)."),
+    out: Path = typer.Option(None, help="Run folder (default: results/NAME)."),
+    fresh: bool = typer.Option(False, help="Discard finished chunks in OUT and start over."),
+    distributed: bool = typer.Option(False, help="Call jax.distributed.initialize() first (several hosts)."),
+):
+    """Run a named experiment: its sweep (resumable), then its table, verdicts and figures."""
+    from toymesa import experiment, sweep
+
+    _distributed(distributed)
+    exp = experiment.get(name)
+    if name == "demo":
+        raise ValueError("the demo has its own command: `toymesa demo`")
+    out = RESULTS / name if out is None else out
+    console = _console()
+    sweep.run(exp.spec(), out, fresh=fresh, echo=console.print)
+    _finish(console, exp, out)
+
+
+@app.command("sweep")
+@_errors
+def sweep_cmd(
+    spec: Path = typer.Argument(..., help="A TOML sweep spec (see toymesa.spec for the format)."),
+    out: Path = typer.Option(None, help="Run folder (default: results/<spec name>)."),
+    fresh: bool = typer.Option(False, help="Discard finished chunks in OUT and start over."),
+    check: bool = typer.Option(False, help="Only validate the spec and print its cells; train nothing."),
+    distributed: bool = typer.Option(False, help="Call jax.distributed.initialize() first (several hosts)."),
+):
+    """Run any sweep spec: cells grouped by shape, populations sharded over all devices.
+
+    Each finished chunk is saved at once; rerunning the same command resumes. Results load
+    with `toymesa.store.load(OUT)`: one row per cell x seed x logged step.
+    """
+    from toymesa import experiment, sweep
+    from toymesa import spec as spec_mod
+
+    _distributed(distributed)
+    s = spec_mod.load(spec)
+    console = _console()
+    cells = s.cells()
+    groups = spec_mod.groups(cells)
+    console.print(f"{s.name}: {len(cells)} cells x {len(s.seeds)} seeds in {len(groups)} shape group(s), {len(sweep.plan(s))} chunk(s)")
+    if check:
+        for c in cells:
+            console.print(f"  cell {c.index} [{c.id}] {c.values}")
+        return
+    out = RESULTS / s.name if out is None else out
+    sweep.run(s, out, fresh=fresh, echo=console.print)
+    _finish(console, experiment.Experiment(s.name, spec, None), out)
+
+
+@app.command()
+@_errors
+def figures(results: Path = typer.Argument(RESULTS, help="A run folder, or a folder of run folders.")):
+    """Redraw every figure from stored results (no training)."""
+    from toymesa import experiment
+
+    dirs = experiment.result_dirs(results)
+    if not dirs:
+        raise FileNotFoundError(f"no run folders (with meta.json) under {results}")
+    for d in dirs:
+        if not (d / "results.csv").exists():
+            typer.echo(f"{d}: incomplete run, skipped (rerun its command to finish it)")
+            continue
+        paths = experiment.for_results(d).figures(d)
+        typer.echo(f"{d}: {', '.join(str(p) for p in paths)}")
+
+
+@app.command()
+@_errors
+def report(
+    results: Path = typer.Argument(RESULTS, help="A run folder, or a folder of run folders."),
+    out: Path = typer.Option(None, help="HTML file to write (default: RESULTS/report.html)."),
+):
+    """Write one HTML page with every run's hypotheses, verdicts, tables, figures and metadata."""
+    from toymesa import report as report_mod
+
+    typer.echo(f"wrote {report_mod.write(results, out)}")
+
+
+@app.command("list")
+@_errors
+def list_cmd():
+    """List the experiments (built-in demo and experiments/*/spec.toml) and their stored results."""
+    from toymesa import experiment
+
+    console = _console()
+    for name, exp in experiment.discover().items():
+        s = exp.spec()
+        where = RESULTS / name
+        state = "finished" if (where / "results.csv").exists() else "partial" if (where / "chunks").exists() else "not run"
+        console.print(f"[bold]{name}[/bold]  {len(s.cells())} cells x {len(s.seeds)} seeds  results: {where} ({state})")
+        console.print(f"    {' '.join(s.description.split())}")
+
+
+@app.command()
+@_errors
+def bench(
+    sizes: str = typer.Option("1,8,64", help="Population sizes to time, comma-separated."),
+    steps: int = typer.Option(20, min=2, help="Training steps per timed call."),
+    repeats: int = typer.Option(3, min=1, help="Timed calls per measurement (the best is kept)."),
+    torch: bool = typer.Option(True, help="Include the PyTorch eager baseline when torch is installed."),
+):
+    """Benchmark training throughput on this machine, as ratios measured side by side.
+
+    For the reference model: seed-steps/s and tokens/s at each population size; achieved
+    GFLOP/s against a float32 matmul peak measured in the same run; the same population as a
+    Python loop over seeds (the naive baseline); PyTorch eager at equal work if installed.
+    """
+    from toymesa import bench as bench_mod
+
+    bench_mod.main([int(s) for s in sizes.split(",")], steps=steps, repeats=repeats, with_torch=torch, echo=_console().print)
 
 
 def main():

@@ -239,6 +239,16 @@ class Config:
         return dataclasses.replace(self, **new)
 
 
+def columns(cfg: Config) -> dict:
+    """Flat ``group.field`` -> value of every field (tuples as strings), for tidy tables."""
+    cols = {}
+    for group in ("model", "task", "train"):
+        for k, v in dataclasses.asdict(getattr(cfg, group)).items():
+            cols[f"{group}.{k}"] = str(v) if isinstance(v, tuple) else v
+    cols.update({f"hparams.{k}": v for k, v in cfg.hparams._asdict().items()})
+    return cols
+
+
 # ---------------------------------------------------------------- factories
 def tiny() -> ModelConfig:
     return ModelConfig(n_layers=1, d_model=32, n_heads=2, d_mlp=128)

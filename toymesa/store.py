@@ -11,15 +11,16 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 
-def _atomic_write(path: Path, write) -> Path:
+def _atomic_write(path: Path, write, binary: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="") as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:
@@ -33,11 +34,44 @@ def save_frame(df: pd.DataFrame, path) -> Path:
     return _atomic_write(path, lambda f: df.to_csv(f, index=False))
 
 
+def save_text(text: str, path) -> Path:
+    return _atomic_write(path, lambda f: f.write(text))
+
+
 def save_json(obj, path) -> Path:
     return _atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=str))
 
 
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_arrays(arrays: dict, path) -> Path:
+    """Write a dict of NumPy arrays as an uncompressed .npz, atomically."""
+    return _atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
+
+
+def load_arrays(path) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
 def load(path) -> pd.DataFrame:
-    """Load a results table (a CSV file, or a folder's `results.csv`)."""
+    """Load results as one tidy DataFrame.
+
+    `path` is a CSV file, or a run folder. For a sweep folder the table has one row per
+    cell x seed x logged step, with every config field as a ``group.field`` column; it is
+    read from ``results.csv`` when the run finished, else assembled from the chunks
+    finished so far (so a partial run loads too).
+    """
     path = Path(path)
-    return pd.read_csv(path / "results.csv" if path.is_dir() else path)
+    if not path.is_dir():
+        return pd.read_csv(path)
+    if (path / "results.csv").exists():
+        return pd.read_csv(path / "results.csv")
+    if (path / "chunks").is_dir():
+        from toymesa import sweep
+
+        return sweep.tidy(path)
+    raise FileNotFoundError(f"{path} holds no results (no results.csv and no chunks/); run a sweep or an experiment into it first")

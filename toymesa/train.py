@@ -25,6 +25,7 @@ import optax
 
 from toymesa import model
 from toymesa.config import Config, HParams, TrainConfig, check_hparams
+from toymesa.devices import to_host
 from toymesa.tasks import Batch, sample_batch
 
 ROLES = ("init", "data", "dropout", "sample", "eval")
@@ -146,17 +147,25 @@ def population(
     steps: int | None = None,
     chunk: int = 100,
     progress: str | None = None,
+    on_chunk=None,
 ):
     """Train a population: members differ in seed and in the (stacked) hparams.
 
     seeds int[N]; hparams fields float[N] (default: `cfg.hparams` for all). Runs `steps`
     steps in chunks of `chunk` (one compile for all chunks of that length). `progress`,
-    if given, labels a progress bar. Returns (TrainState with leading axis N,
-    history dict of float[N, steps]).
+    if given, labels a progress bar; `on_chunk(states, steps_done, history_chunk)` is called
+    after each chunk. Seeds and hparams may be sharded over devices (see `toymesa.devices`);
+    the states follow their sharding. Returns (TrainState with leading axis N, history dict
+    of float[N, steps] NumPy arrays).
     """
     seeds = jnp.asarray(seeds, jnp.int32)
     n = seeds.shape[0]
-    hp = stack_hparams(cfg, n) if hparams is None else HParams(*(jnp.asarray(v, jnp.float32) for v in check_hparams(hparams)))
+    if hparams is None:
+        hp = stack_hparams(cfg, n)
+    else:
+        hp = HParams(*(jnp.asarray(v, jnp.float32) for v in hparams))
+        if all(v.is_fully_addressable for v in hp):  # sharded over hosts: checked where it was built
+            check_hparams(hparams)
     for name, v in zip(HParams._fields, hp, strict=True):
         if v.shape != (n,):
             raise ValueError(f"hparams.{name} has shape {v.shape}; a population of {n} seeds needs shape ({n},)")
@@ -168,14 +177,17 @@ def population(
     while done < steps:
         k = min(chunk, steps - done)
         states, h = population_chunk(cfg, states, hp, seeds, k)
+        h = {key: to_host(v) for key, v in h.items()}
         hist.append(h)
         done += k
+        if on_chunk is not None:
+            on_chunk(states, done, h)
         if bar is not None:
             bar.update(k)
             bar.set_postfix(loss=f"{float(np.mean(h['loss'][:, -1])):.3f}")
     if bar is not None:
         bar.close()
-    history = {key: np.concatenate([np.asarray(h[key]) for h in hist], axis=1) for key in hist[0]}
+    history = {key: np.concatenate([h[key] for h in hist], axis=1) for key in hist[0]}
     return states, history
 
 

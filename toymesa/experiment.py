@@ -1,0 +1,125 @@
+"""Named experiments: a spec plus an analysis that only reads stored results.
+
+An experiment is a folder ``experiments/NAME/`` holding ``spec.toml`` (hypotheses,
+controls, grid) and, optionally, ``analysis.py`` defining any of
+
+* ``figures(out: Path) -> list[Path]``    draw figures from the results in `out`
+* ``table(out: Path) -> DataFrame``       the headline table
+* ``verdicts(out: Path) -> DataFrame``    one row per hypothesis: id, verdict, evidence
+
+Missing pieces fall back to generic ones (metrics vs step per cell, final metrics with
+CIs, hypotheses listed as "not evaluated"). The demo (`toymesa.demo`) is a built-in
+experiment of the same shape.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import pandas as pd
+
+from toymesa import spec as spec_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+RESULTS = Path("results")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    spec_path: Path | None
+    analysis: ModuleType | None
+
+    def spec(self) -> spec_mod.Spec:
+        if self.name == "demo":
+            from toymesa import demo
+
+            return demo.spec()
+        return spec_mod.load(self.spec_path)
+
+    def _call(self, fn: str, out: Path, default):
+        f = getattr(self.analysis, fn, None)
+        return f(Path(out)) if f is not None else default(Path(out))
+
+    def figures(self, out) -> list[Path]:
+        return self._call("figures", out, generic_figures)
+
+    def table(self, out) -> pd.DataFrame:
+        return self._call("table", out, lambda o: pd.read_csv(o / "summary.csv"))
+
+    def verdicts(self, out) -> pd.DataFrame:
+        return self._call("verdicts", out, generic_verdicts)
+
+
+def _module(path: Path, name: str) -> ModuleType | None:
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location(f"toymesa_experiments.{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def discover(root: Path = EXPERIMENTS) -> dict[str, Experiment]:
+    """Every experiment: the built-in demo, then each folder of `root` with a spec.toml."""
+    from toymesa import demo
+
+    found = {"demo": Experiment("demo", None, demo)}
+    for spec_path in sorted(Path(root).glob("*/spec.toml")):
+        name = spec_path.parent.name
+        found[name] = Experiment(name, spec_path, _module(spec_path.parent / "analysis.py", name))
+    return found
+
+
+def get(name: str, root: Path = EXPERIMENTS) -> Experiment:
+    found = discover(root)
+    if name not in found:
+        raise KeyError(f"no experiment named {name!r}; known: {', '.join(found)} (see `toymesa list`)")
+    return found[name]
+
+
+def for_results(out: Path, root: Path = EXPERIMENTS) -> Experiment:
+    """The experiment a results folder came from (by the name in its meta.json)."""
+    name = json.loads((Path(out) / "meta.json").read_text())["name"]
+    return discover(root).get(name, Experiment(name, None, None))
+
+
+def result_dirs(results: Path) -> list[Path]:
+    """Run folders under `results` (or `results` itself if it is one)."""
+    results = Path(results)
+    if (results / "meta.json").exists():
+        return [results]
+    return sorted(p.parent for p in results.glob("*/meta.json"))
+
+
+# ----------------------------------------------------------------- generic analysis
+def generic_figures(out: Path) -> list[Path]:
+    """Behaviour vs step (median and 10-90% band over seeds) for every cell."""
+    import matplotlib.pyplot as plt
+
+    from toymesa import plot, store, sweep
+
+    df = store.load(out)
+    metrics = [m for m in sweep.EVAL_METRICS if m in df and df[m].notna().any()]
+    axes_cols = [c for c in df.columns if c.startswith("axis:")]
+    df = df.assign(label=df[axes_cols].astype(str).agg(", ".join, axis=1) if axes_cols else "base")
+    with plt.rc_context(plot.STYLE):
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 2.8), squeeze=False)
+        for ax, m in zip(axes[0], metrics, strict=True):
+            plot.mean_band(ax, df, "step", m, "label")
+            ax.set_title(m.replace("_", " "))
+            ax.set_ylim(-0.03, 1.03)
+        axes[0][-1].legend(fontsize=6, loc="best")
+        fig.suptitle(f"{out.name}: behaviour vs training step (median, 10-90% of seeds)", y=1.04)
+        return plot.save(fig, out / "figures" / "behaviour")
+
+
+def generic_verdicts(out: Path) -> pd.DataFrame:
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    rows = [{"id": h["id"], "statement": h["statement"], "prediction": h["prediction"], "verdict": "not evaluated", "evidence": ""} for h in meta["hypotheses"]]
+    return pd.DataFrame(rows, columns=["id", "statement", "prediction", "verdict", "evidence"])
