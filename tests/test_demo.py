@@ -1,10 +1,10 @@
-"""End-to-end smoke test of the demo (tables, figure, resuming finished arms) and of the CLI.
+"""End-to-end smoke tests of the demo (a sweep of four arms) and of the `toymesa` CLI.
 
-The fast test shrinks the demo's model to `tiny` and its warmup to 1 step (monkeypatching
-`demo.demo_config`), so the 4 arms compile small programs; everything else is the real demo.
+The fast tests shrink the demo's model to `tiny` and its batch to 8 through `demo.spec`'s
+`base` overrides, so the four arms compile small programs; everything else is the real demo.
 """
 
-import dataclasses
+import json
 
 import numpy as np
 import pandas as pd
@@ -12,100 +12,126 @@ import pytest
 from typer.testing import CliRunner
 
 from toymesa import cli, demo, store
-from toymesa.config import tiny
+from toymesa.experiment import result_dirs
 
-ARM_LABELS = [f"{rule}/{reasoning}" for rule, reasoning in demo.ARMS]
 N_SEEDS, STEPS = 2, 2
-
-
-@pytest.fixture
-def small_demo(monkeypatch):
-    real = demo.demo_config
-
-    def small(rule="single", reasoning="none"):
-        cfg = real(rule, reasoning)
-        return dataclasses.replace(cfg, model=tiny(), train=dataclasses.replace(cfg.train, batch_size=8, warmup_steps=1))
-
-    monkeypatch.setattr(demo, "demo_config", small)
+SMALL = {"model": "tiny", "train.batch_size": 8}
+ARM_LABELS = sorted(f"{r}/{f}" for r, f in demo.ARMS)
+COMMANDS = ["demo", "run", "sweep", "figures", "report", "list", "bench"]
 
 
 def run(out, **kw):
     messages = []
-    demo.main(out=out, n_seeds=N_SEEDS, steps=STEPS, echo=messages.append, **kw)
+    demo.main(out=out, n_seeds=N_SEEDS, steps=STEPS, echo=messages.append, base=SMALL, progress=False, **kw)
     return messages
 
 
-def without_timing(df):
-    return df.drop(columns="seconds").reset_index(drop=True)
+def log(out):
+    return (out / "log.jsonl").read_text().splitlines()
 
 
-def test_demo_end_to_end_and_resume(tmp_path, small_demo):
-    messages = run(tmp_path)
-    assert len(messages) == 4 and not any("reusing" in m for m in messages)
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert run(out) == []
+    return out
 
-    results = store.load(tmp_path)
-    assert len(results) == len(demo.ARMS) * N_SEEDS
-    assert sorted(results["arm"].unique()) == sorted(ARM_LABELS)
-    for _, g in results.groupby("arm"):
+
+def test_demo_end_to_end(demo_out):
+    results = store.load(demo_out)
+    assert len(results) == len(demo.ARMS) * N_SEEDS  # one logged step: the last
+    assert (results["step"] == STEPS).all() and (results["train.steps"] == STEPS).all()
+    for _, g in results.groupby("cell"):
         assert sorted(g["seed"]) == list(range(N_SEEDS))
     for m in demo.METRICS:
         assert results[m].between(0, 1).all(), m
-    cot = results["reasoning"] == "cot"
+    cot = results["task.reasoning"] == "cot"
     assert results.loc[cot, "decision_accuracy"].between(0, 1).all()
     assert results.loc[~cot, "decision_accuracy"].isna().all()
-    assert (results["train.steps"] == STEPS).all()
+    assert np.isfinite(results["loss"]).all()
 
-    summary = store.load(tmp_path / "summary.csv")
-    assert sorted(summary["arm"]) == sorted(ARM_LABELS) and (summary["n"] == N_SEEDS).all()
-    history = store.load(tmp_path / "history.csv")
-    assert len(history) == len(demo.ARMS) * N_SEEDS * STEPS
-    assert sorted(history["step"].unique()) == list(range(1, STEPS + 1))
+    summary = demo.table(demo_out)
+    assert sorted(summary["arm"]) == ARM_LABELS and (summary["n"] == N_SEEDS).all()
     for name in ("demo.png", "demo.pdf"):
-        assert (tmp_path / name).stat().st_size > 0
-    arms = tmp_path / "arms"
-    assert len(list(arms.glob("*.history.csv"))) == 4 and len(list(arms.glob("*.csv"))) == 8
-    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporaries
+        assert (demo_out / "figures" / name).stat().st_size > 0
+    assert len(log(demo_out)) == len(demo.ARMS)  # one chunk per arm
+    assert not list(demo_out.rglob("*.tmp"))  # atomic writes leave no temporaries
 
-    # a second run reuses every finished arm and writes the same tables
-    messages = run(tmp_path)
-    assert len(messages) == 4 and all("reusing" in m for m in messages)
-    pd.testing.assert_frame_equal(store.load(tmp_path), results)
 
-    # an interrupted run: one arm's files are missing, so only that arm is recomputed
-    lost = sorted(arms.glob("latent-cot-*"))
-    assert len(lost) == 2
-    for f in lost:
-        f.unlink()
-    messages = run(tmp_path)
-    recomputed = [m for m in messages if "reusing" not in m]
-    assert len(messages) == 4 and len(recomputed) == 1 and recomputed[0].startswith("latent/cot")
-    again = store.load(tmp_path)
+def test_demo_resumes_and_recomputes_only_what_is_missing(demo_out, tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    for p in demo_out.rglob("*"):
+        if p.is_file():
+            (out / p.relative_to(demo_out)).parent.mkdir(parents=True, exist_ok=True)
+            (out / p.relative_to(demo_out)).write_bytes(p.read_bytes())
+    results = store.load(out)
+    messages = run(out)
+    assert any("resuming" in m for m in messages) and len(log(out)) == len(demo.ARMS)  # nothing recomputed
+
+    lost = sorted((out / "chunks").glob("g03-*"))  # the latent/cot arm
+    assert len(lost) == 1
+    lost[0].unlink()
+    (out / "results.csv").unlink()
+    run(out)
+    assert len(log(out)) == len(demo.ARMS) + 1 and json.loads(log(out)[-1])["chunk"].startswith("g03")
     # the recomputed arm is the same deterministic function of (config, seeds)
-    pd.testing.assert_frame_equal(without_timing(again), without_timing(results))
-
-    # --fresh retrains everything
-    assert not any("reusing" in m for m in run(tmp_path, fresh=True))
+    again = store.load(out)
+    pd.testing.assert_frame_equal(again, results, check_exact=True)
 
 
-@pytest.mark.parametrize(("rule", "reasoning"), demo.ARMS)
-def test_demo_arm_config_accepts_few_steps(rule, reasoning):
-    cfg = demo.arm_config(rule, reasoning, STEPS)
-    assert cfg.train.steps == STEPS
-    assert 0 <= cfg.train.warmup_steps < STEPS
+def test_cli_help_fits_one_screen():
+    for command in COMMANDS:
+        result = CliRunner().invoke(cli.app, [command, "--help"], terminal_width=100)
+        assert result.exit_code == 0, result.output
+        assert len(result.output.splitlines()) <= 40, f"`toymesa {command} --help` is longer than one screen"
+    result = CliRunner().invoke(cli.app, ["demo", "--help"])
+    for option in ("--out", "--seeds", "--steps", "--fresh"):
+        assert option in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("sedes = 3\n", "sedes"),
+        ("[grid]\ntask.rule = []\n", "grid.task.rule"),
+        ('[base]\ntrain.steps = "many"\n', "base.train.steps"),
+    ],
+)
+def test_cli_bad_spec_is_one_line_and_exit_2(tmp_path, text, names):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = CliRunner().invoke(cli.app, ["sweep", str(path)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0] and lines[0].startswith("error:")
+
+
+def test_cli_figures_and_report_read_stored_results(demo_out, tmp_path):
+    png = demo_out / "figures" / "demo.png"
+    png.unlink()
+    result = CliRunner().invoke(cli.app, ["figures", str(demo_out)])
+    assert result.exit_code == 0, result.output
+    assert png.stat().st_size > 0
+    dest = tmp_path / "report.html"
+    result = CliRunner().invoke(cli.app, ["report", str(demo_out), "--out", str(dest)])
+    assert result.exit_code == 0, result.output
+    page = dest.read_text()
+    assert "data:image/png;base64," in page and "single/cot" in page and "git" in page
+    assert result_dirs(demo_out) == [demo_out]
+
+
+def test_cli_list_and_unknown_experiment():
+    result = CliRunner().invoke(cli.app, ["list"])
+    assert result.exit_code == 0 and "demo" in result.output and "quickstart" in result.output
+    result = CliRunner().invoke(cli.app, ["run", "no_such_experiment"])
+    assert result.exit_code == 2 and "no experiment named" in result.output
 
 
 @pytest.mark.slow
 def test_demo_with_the_real_config(tmp_path):
-    steps = demo.demo_config().train.warmup_steps + 1  # the fewest steps the real config accepts
-    messages = []
-    demo.main(out=tmp_path, n_seeds=2, steps=steps, echo=messages.append)
+    steps = demo.spec().cells()[0].config.train.warmup_steps + 1  # the fewest steps the real config accepts
+    demo.main(out=tmp_path, n_seeds=2, steps=steps, echo=lambda *_: None, progress=False)
     results = store.load(tmp_path)
     assert len(results) == 8 and all(results[m].between(0, 1).all() for m in demo.METRICS)
-    assert np.isfinite(results["final_loss"]).all()
-
-
-def test_cli_demo_help():
-    result = CliRunner().invoke(cli.app, ["demo", "--help"])
-    assert result.exit_code == 0, result.output
-    for option in ("--out", "--seeds", "--steps", "--fresh"):
-        assert option in result.output
+    assert np.isfinite(results["loss"]).all()

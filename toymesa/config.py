@@ -123,6 +123,7 @@ class TaskConfig:
         _check(0 <= self.trigger < nt, o, "trigger", self.trigger, f"the vocabulary has trigger tokens 0..{nt - 1}; raise n_trigger_tokens or pick one of them")
         _check(0 <= self.trigger_slot < self.n_ctx, o, "trigger_slot", self.trigger_slot, f"use a context slot 0..{self.n_ctx - 1}")
         _check(1 <= self.k <= nt, o, "k", self.k, f"k_triggers needs 1 <= k <= n_trigger_tokens={nt}")
+        _check(len(self.conjunction) == 2, o, "conjunction", self.conjunction, "give exactly two trigger indices")
         a, b = self.conjunction
         _check(a != b and 0 <= a < nt and 0 <= b < nt, o, "conjunction", self.conjunction, f"use two distinct trigger indices in 0..{nt - 1}")
         if self.rule == "conjunction":

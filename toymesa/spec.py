@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +112,10 @@ class Spec:
 def load(path) -> Spec:
     """Read and validate a TOML spec file."""
     path = Path(path)
-    if not path.exists():
-        raise SpecError(f"{path}: no such spec file")
+    if path.is_dir() and (path / "spec.toml").exists():
+        path = path / "spec.toml"
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file (give a .toml file, or a folder holding spec.toml)")
     text = path.read_text()
     try:
         raw = tomllib.loads(text)
@@ -131,7 +134,7 @@ def parse(raw: dict, source: str = "<spec>", text: str = "", default_name: str =
     if unknown:
         fail(unknown[0], f"unknown key; valid top-level keys are {sorted(TOP_KEYS)}")
     name = raw.get("name", default_name)
-    if not isinstance(name, str) or not name.replace("-", "_").isidentifier():
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         fail("name", f"{name!r} must be a short identifier (letters, digits, _ or -)")
     description = raw.get("description", "")
     if not isinstance(description, str):
@@ -152,14 +155,27 @@ def parse(raw: dict, source: str = "<spec>", text: str = "", default_name: str =
         dup = [v for i, v in enumerate(grid[key]) if grid[key].index(v) != i]
         if dup:
             fail(f"grid.{key}", f"lists {dup[0]!r} more than once")
-        if key in base and all(v == base[key] for v in grid[key]):
-            fail(f"grid.{key}", f"changes nothing: every value equals the base value {base[key]!r}")
+        now = base[key] if key in base else _base_value(base, key)
+        if all(v == now for v in grid[key]):
+            fail(f"grid.{key}", f"changes nothing: every value equals the base value {now!r}")
     random = _random(raw.get("random"), fail, grid)
     run = _run(raw.get("run", {}), fail)
     hypotheses = _hypotheses(raw.get("hypotheses", []), fail)
     spec = Spec(name, description, seeds, base, grid, random, run, hypotheses, source, text)
     expand(spec)  # resolve every cell now, so config errors surface before any training
     return spec
+
+
+def _base_value(base: dict, key: str):
+    """The value a field takes in the base config (its default unless the base sets it)."""
+    if key == "model":
+        return "reference" if "model" not in base else base["model"]
+    try:
+        cfg = resolve(base)
+    except ValueError:
+        return object()  # the base alone is invalid; the cells report it
+    group, field = key.split(".", 1)
+    return getattr(getattr(cfg, group), field)
 
 
 def _seeds(seeds, fail) -> tuple[int, ...]:
@@ -182,6 +198,8 @@ def _flatten(table, where: str, fail) -> dict:
         fail(where, f"must be a table, got {table!r}")
     flat = {}
     for key, value in table.items():
+        if "." in key:  # a quoted dotted key, "task.rule" = ..., as Python dicts write it
+            key, value = key.split(".", 1)[0], {key.split(".", 1)[1]: value}
         if key == "model" and not isinstance(value, dict):
             flat[key] = value
             continue
@@ -217,7 +235,7 @@ def _defaults(group: str) -> dict:
 def _check_value(key: str, value, where: str, fail):
     """Check one field value's type against the field's default; return it normalised."""
     if key == "model":
-        if value not in MODEL_SIZES:
+        if not isinstance(value, str) or value not in MODEL_SIZES:
             fail(where, f"unknown model size {value!r}; choose one of {list(MODEL_SIZES)}")
         return value
     group, field = key.split(".", 1)
@@ -255,8 +273,8 @@ def _random(table, fail, grid) -> dict:
     n, seed = table.pop("n", None), table.pop("seed", 0)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         fail("random.n", f"give the number of random draws as an int >= 1, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        fail("random.seed", f"must be an int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        fail("random.seed", f"must be an int >= 0, got {seed!r}")
     axes = {}
     for group, fields in table.items():
         if group not in GROUPS or group == "model":

@@ -171,6 +171,9 @@ def population(
             raise ValueError(f"hparams.{name} has shape {v.shape}; a population of {n} seeds needs shape ({n},)")
     steps = cfg.train.steps if steps is None else steps
     states = init_population(cfg, seeds)
+    if isinstance(seeds.sharding, jax.sharding.NamedSharding):
+        # constants (zero biases, Adam's moments) come out replicated: split every leaf like the seeds
+        states = jax.device_put(states, seeds.sharding)
     hist = []
     bar = _progress(progress, steps, n)
     done = 0

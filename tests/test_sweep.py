@@ -1,0 +1,233 @@
+"""The sweep runner: chunk plans, resuming, device sharding, the run folder.
+
+Every sweep here uses one tiny spec (fixed shapes), so the in-process runs share compiled
+programs. Two tests run sweeps in subprocesses: one on 4 forced CPU devices, one killed
+with SIGKILL mid-run and resumed.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+from toymesa import model, spec, store, sweep
+from toymesa.tasks import sample_batch
+from toymesa.train import population
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPEC_TEXT = """
+name = "tiny_sweep"
+seeds = [0, 1, 2]
+
+[base]
+model = "tiny"
+task.seq_len = "min"
+train.batch_size = 8
+train.steps = {steps}
+train.warmup_steps = 2
+
+[grid]
+hparams.lr = [1e-3, 3e-3]
+
+[run]
+eval_every = {every}
+eval_prompts = 16
+chunk_members = {chunk}
+"""
+
+
+def write_spec(path: Path, steps=6, every=3, chunk=2) -> Path:
+    path.write_text(SPEC_TEXT.format(steps=steps, every=every, chunk=chunk))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One uninterrupted in-process sweep: (spec, run folder)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    s = spec.load(write_spec(tmp / "spec.toml"))
+    return s, sweep.run(s, tmp / "out", progress=False, echo=lambda *_: None)
+
+
+def subprocess_env(**extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+    env.pop("PYTEST_XDIST_WORKER", None)
+    return env
+
+
+def log_names(out: Path) -> list[str]:
+    path = out / "log.jsonl"
+    return [json.loads(line)["chunk"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# ----------------------------------------------------------------- plans
+def test_plan_covers_every_member_once_padded_to_the_devices(finished):
+    s, _ = finished
+    for n_dev in (1, 4):
+        chunks = sweep.plan(s, n_devices=n_dev)
+        members = [(cell, seed) for c in chunks for cell, seed in zip(c.cells, c.seeds, strict=True)]
+        assert sorted(members) == sorted((c.index, seed) for c in s.cells() for seed in s.seeds)
+        assert all(c.n <= s.run["chunk_members"] and c.size % n_dev == 0 and c.size >= c.n for c in chunks)
+        assert len({c.name for c in chunks}) == len(chunks)
+
+
+def test_eval_steps_and_segments():
+    cfg = spec.resolve({"train.steps": 10, "train.warmup_steps": 1})
+    assert sweep.eval_steps(cfg, {"eval_every": None}) == [10]
+    assert sweep.eval_steps(cfg, {"eval_every": 4}) == [0, 4, 8, 10]
+    assert sweep._segment(500) == 100 and sweep._segment(300) == 100 and sweep._segment(250) == 50
+    assert sweep._segment(97) == 97  # prime: one call rather than 97 calls of one step
+
+
+# ----------------------------------------------------------------- the run folder
+def test_run_folder_tidy_table_and_metadata(finished):
+    s, out = finished
+    df = store.load(out)
+    at = [0, 3, 6]
+    assert len(df) == len(s.cells()) * len(s.seeds) * len(at)
+    assert sorted(df["step"].unique()) == at
+    assert df.loc[df["step"] == 0, "loss"].isna().all() and df.loc[df["step"] > 0, "loss"].notna().all()
+    for m in ("triggered_defection", "untriggered_defection", "helpful_accuracy"):
+        assert df[m].between(0, 1).all()
+    assert set(df["hparams.lr"].round(6)) == {0.001, 0.003} and (df["model.d_model"] == 32).all()
+    meta = store.load_json(out / "meta.json")
+    assert meta["digest"] == s.digest and meta["versions"]["jax"] == jax.__version__ and meta["devices"]["n_devices"] >= 1
+    assert "git_commit" in meta
+    assert (out / "spec.toml").read_text() == s.text
+    summary = store.load(out / "summary.csv")
+    assert len(summary) == len(s.cells()) and (summary["n"] == len(s.seeds)).all()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_training_metric_is_the_window_mean_of_the_history(finished):
+    _, out = finished
+    df = store.load(out)
+    members, hist = sweep.load_histories(out)
+    for i, (cell, seed) in enumerate(zip(members["cell"], members["seed"], strict=True)):
+        row = df[(df["cell"] == cell) & (df["seed"] == seed) & (df["step"] == 6)]
+        np.testing.assert_allclose(row["loss"].item(), hist["loss"][i, 3:6].mean(), rtol=1e-6)
+
+
+def test_stored_parameters_are_the_trained_member(finished):
+    s, out = finished
+    cell = s.cells()[1]
+    params, cfg = sweep.load_params(out, cell.index, seed=2)
+    assert cfg == cell.config
+    hp = type(cfg.hparams)(*(np.asarray([v], np.float32) for v in cfg.hparams))
+    states, _ = population(cfg, [2], hp)
+    # compare the functions, not the leaves: the q/k/v key bias has zero true gradient, so
+    # Adam turns float noise into drift there that softmax removes (see test_train)
+    tokens = sample_batch(cfg.task, jax.random.key(5), 0.5, 8).tokens
+    ours, _ = model.apply(cfg, params, tokens)
+    theirs, _ = model.apply(cfg, jax.tree.map(lambda x: x[0], states.params), tokens)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    with pytest.raises(KeyError, match="no finished member"):
+        sweep.load_params(out, cell.index, seed=99)
+
+
+def test_rerun_computes_nothing_and_changes_nothing(finished, tmp_path):
+    s, out = finished
+    before = log_names(out)
+    table = store.load(out)
+    messages = []
+    sweep.run(s, out, progress=False, echo=messages.append)
+    assert log_names(out) == before and any("resuming" in m for m in messages)
+    pd.testing.assert_frame_equal(store.load(out), table)
+
+
+def test_a_different_spec_refuses_the_folder(finished, tmp_path):
+    _, out = finished
+    other = spec.load(write_spec(tmp_path / "spec.toml", steps=9))
+    with pytest.raises(spec.SpecError, match="different spec"):
+        sweep.run(other, out, progress=False)
+
+
+def test_partial_results_load(finished, tmp_path):
+    s, out = finished
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("meta.json", "cells.csv"):
+        (partial / name).write_bytes((out / name).read_bytes())
+    (partial / "chunks").mkdir()
+    first = sweep.chunk_files(out)[0]
+    (partial / "chunks" / first.name).write_bytes(first.read_bytes())
+    df = store.load(partial)
+    assert 0 < len(df) < len(store.load(out))
+
+
+# ----------------------------------------------------------------- subprocesses
+def compare_runs(a: Path, b: Path, exact: bool):
+    da, db = store.load(a), store.load(b)
+    if exact:
+        pd.testing.assert_frame_equal(da, db, check_exact=True)
+    else:
+        pd.testing.assert_frame_equal(da, db, check_exact=False, rtol=1e-5, atol=1e-6)
+    _, ha = sweep.load_histories(a)
+    _, hb = sweep.load_histories(b)
+    for k in ha:
+        (np.testing.assert_array_equal if exact else lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6))(ha[k], hb[k])
+
+
+def test_sharded_over_four_cpu_devices_equals_unsharded(finished, tmp_path):
+    s, out = finished
+    script = (
+        "import sys, jax, numpy as np\n"
+        "from toymesa import devices, spec, sweep, train\n"
+        "assert jax.device_count() == 4\n"
+        "s = spec.load(sys.argv[1])\n"
+        "sweep.run(s, sys.argv[2], progress=False)\n"
+        "cfg = s.cells()[0].config\n"
+        "hp = train.HParams(*(devices.shard(np.full(4, v, np.float32)) for v in cfg.hparams))\n"
+        "states, _ = train.population(cfg, devices.shard(np.arange(4, dtype=np.int32)), hp, chunk=3)\n"
+        "for leaf in jax.tree.leaves(states):  # every leaf split over the 4 devices, one member each\n"
+        "    assert len(leaf.sharding.device_set) == 4 and all(x.data.shape[0] == 1 for x in leaf.addressable_shards), leaf.sharding\n"
+    )
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(s.text)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(spec_path), str(tmp_path / "out")], env=subprocess_env(XLA_FLAGS=flags), capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = store.load_json(tmp_path / "out" / "meta.json")
+    assert meta["devices"]["n_devices"] == 4
+    # 6 members in chunks of 2, each padded to 4 and split over 4 devices
+    assert all(c.size == 4 for c in sweep.plan(s, n_devices=4))
+    # members per device differ (1 vs 4 per program), which changes XLA's loop tiling and so
+    # float32 rounding: equal to 1e-5, not bitwise (the resumed run below is bitwise)
+    compare_runs(tmp_path / "out", out, exact=False)
+
+
+def test_killed_sweep_resumes_to_identical_results(tmp_path):
+    spec_path = write_spec(tmp_path / "spec.toml", steps=300, every=100, chunk=1)
+    s = spec.load(spec_path)
+    n_chunks = len(sweep.plan(s))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "toymesa.cli", "sweep", str(spec_path), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not log_names(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = log_names(out)
+    assert 1 <= len(done_before) < n_chunks, f"kill landed outside the run ({len(done_before)} of {n_chunks} chunks)"
+    assert not (out / "results.csv").exists()
+
+    rerun = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    names = log_names(out)
+    assert names[: len(done_before)] == done_before
+    assert sorted(names) == sorted(c.name for c in sweep.plan(s)), "a chunk was computed twice or not at all"
+
+    clean = sweep.run(s, tmp_path / "clean", progress=False)
+    compare_runs(out, clean, exact=True)
