@@ -212,7 +212,7 @@ def test_killed_sweep_resumes_to_identical_results(tmp_path):
     s = spec.load(spec_path)
     n_chunks = len(sweep.plan(s))
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "toymesa.cli", "sweep", str(spec_path), "--out", str(out)]
+    cmd = [sys.executable, "-m", "toymesa.cli", "--cpu-devices", "1", "sweep", str(spec_path), "--out", str(out)]  # as the clean run below
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not log_names(out) and proc.poll() is None and time.time() < deadline:

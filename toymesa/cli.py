@@ -13,12 +13,31 @@ RESULTS = Path("results")
 
 
 @app.callback()
-def _root():
+def _root(
+    cpu_devices: int = typer.Option(None, min=1, help="CPU devices to split populations over (default: one per core). Accelerators are used when present."),
+):
     """toymesa: falsifiable toy experiments on mesa-optimization.
 
     Start with `toymesa demo`; `toymesa list` shows the experiments, `toymesa run NAME` runs
     one, `toymesa sweep SPEC.toml` runs any spec. Results go under results/.
     """
+    _cpu_devices(cpu_devices)
+
+
+def _cpu_devices(n: int | None):
+    """One CPU device per core: a population split over 2 devices on 2 cores trains ~1.5x
+    faster than on one device with 2 intra-op threads (README, Performance). Skipped when
+    XLA_FLAGS already forces a device count."""
+    import os
+
+    import jax
+
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", n or os.cpu_count() or 1)
+    except RuntimeError:  # JAX already ran in this process (the CLI called from Python): keep its devices
+        pass
 
 
 def _console():
@@ -228,7 +247,13 @@ def bench(
     """
     from toymesa import bench as bench_mod
 
-    bench_mod.main([int(s) for s in sizes.split(",")], steps=steps, repeats=repeats, with_torch=torch, echo=_console().print)
+    bench_mod.main(
+        [int(s) for s in sizes.split(",")],
+        steps=steps,
+        repeats=repeats,
+        with_torch=torch,
+        echo=functools.partial(_console().print, markup=False, highlight=False),
+    )
 
 
 def main():

@@ -37,6 +37,12 @@ def shard(x, m: Mesh | None = None):
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def shard_population(seeds, hparams, m: Mesh | None = None):
+    """(seeds, hparams) of a population as arrays split over the mesh (sizes must divide)."""
+    m = mesh() if m is None else m
+    return shard(np.asarray(seeds, np.int32), m), type(hparams)(*(shard(np.asarray(v, np.float32), m) for v in hparams))
+
+
 def to_host(x) -> np.ndarray:
     """A (possibly multi-process sharded) array as one NumPy array on every process."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:

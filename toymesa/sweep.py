@@ -112,9 +112,7 @@ def run_chunk(chunk: Chunk, run: dict, on_steps=None) -> dict:
     hp_rows = chunk.hparams + chunk.hparams[:1] * pad
     hp = HParams(*(np.asarray(col, np.float32) for col in zip(*hp_rows, strict=True)))
     check_hparams(HParams(*(np.asarray(col, float) for col in zip(*hp_rows, strict=True))))
-    mesh = devices.mesh()
-    seeds_d = devices.shard(seeds, mesh)
-    hp_d = HParams(*(devices.shard(v, mesh) for v in hp))
+    seeds_d, hp_d = devices.shard_population(seeds, hp)
     at = eval_steps(cfg, run)
     evals = []
 
