@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 CONSTRAINTS := constraints.txt
 
-.PHONY: demo test test-slow lint install install-dev lock clean
+.PHONY: demo test test-slow bench quickstart lint install install-dev lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ test: install-dev
 
 test-slow: install-dev
 	$(BIN)/python -m pytest -q -m slow
+
+# Throughput benchmark; installs the optional PyTorch baseline (CPU wheel) first.
+bench: install
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[torch]'
+	$(BIN)/toymesa bench
+
+# The example sweep (under a minute on 2 cores).
+quickstart: install
+	$(BIN)/toymesa run quickstart
 
 lint: install-dev
 	$(BIN)/ruff check toymesa tests experiments theory

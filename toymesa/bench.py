@@ -31,7 +31,7 @@ import numpy as np
 from toymesa import devices, model
 from toymesa.config import Config, demo_config, tiny
 from toymesa.tasks import sample_batch, vocab
-from toymesa.train import init, init_population, population_chunk, role_key, stack_hparams, train_step
+from toymesa.train import default_member_batch, init, init_population, population_chunk, role_key, stack_hparams, train_step
 
 
 def _best(fn, repeats: int) -> float:
@@ -65,19 +65,21 @@ def train_flops(cfg: Config) -> float:
     return 3 * fwd_token * T * cfg.train.batch_size
 
 
-def time_population(cfg: Config, n: int, steps: int, repeats: int) -> float:
+def time_population(cfg: Config, n: int, steps: int, repeats: int, member_batch="auto") -> float:
     """Seconds per seed-step of an n-member population trained `steps` steps per call,
     split over every device as the sweep runner does (when n divides evenly)."""
+    mesh, mb = None, default_member_batch() if member_batch == "auto" else member_batch
     if n % devices.n_devices() == 0:
         seeds, hp = devices.shard_population(np.arange(n), stack_hparams(cfg, n))
         box = [jax.device_put(init_population(cfg, seeds), seeds.sharding)]
+        mesh = seeds.sharding.mesh
     else:
         seeds = jnp.arange(n, dtype=jnp.int32)
         hp = stack_hparams(cfg, n)
         box = [init_population(cfg, seeds)]
 
     def call():
-        box[0], h = population_chunk(cfg, box[0], hp, seeds, steps)
+        box[0], h = population_chunk(cfg, box[0], hp, seeds, steps, mb, mesh)
         h["loss"].block_until_ready()
 
     return _best(call, repeats) / (n * steps)
@@ -133,6 +135,8 @@ def run(sizes=(1, 8, 64), steps: int = 20, repeats: int = 3, with_torch: bool = 
             say(f"torch eager {n}")
             row["torch"] = time_torch(cfg, n, steps, repeats)
         out["sizes"][n] = row
+    say(f"population {max(sizes)}, all members at once")
+    out["pop_all_at_once"] = time_population(cfg, max(sizes), steps, repeats, member_batch=None)
     naive_n = min(4, max(sizes))
     for name, c in (("reference", cfg), ("tiny", _tiny(cfg))):
         say(f"naive loop ({name})")
@@ -171,6 +175,8 @@ def report(r: dict) -> str:
     speed_tiny = r["naive_tiny"] / r["pop_tiny"]
     lines += [
         "",
+        f"population {big} with all members at once (vmap, no member batches): {1 / r['pop_all_at_once']:.1f} seed-steps/s; "
+        f"member batches of {default_member_batch()} are {r['pop_all_at_once'] / pop['jax']:.2f}x faster",
         f"naive Python loop over seeds (same jitted step): reference {1 / r['naive_reference']:.1f} seed-steps/s, tiny {1 / r['naive_tiny']:.1f}",
         f"population {big} vs naive loop: reference {speed_ref:.2f}x, tiny {speed_tiny:.2f}x",
         "",
