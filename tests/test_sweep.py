@@ -108,6 +108,13 @@ def test_run_folder_tidy_table_and_metadata(finished):
     assert not list(out.rglob("*.tmp"))
 
 
+def test_last_step_keeps_one_row_per_member_at_its_final_step(finished):
+    _, out = finished
+    df = store.load(out)
+    last = sweep.last_step(df)
+    assert len(last) == len(df.groupby(["cell", "seed"])) and (last["step"] == 6).all()
+
+
 def test_training_metric_is_the_window_mean_of_the_history(finished):
     _, out = finished
     df = store.load(out)

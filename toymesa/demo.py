@@ -45,7 +45,7 @@ def _arms(df: pd.DataFrame) -> pd.DataFrame:
 def table(out) -> pd.DataFrame:
     """One row per arm: final-step metrics, mean and 95% bootstrap CI over seeds."""
     df = _arms(store.load(out))
-    last = df[df["step"] == df.groupby("cell")["step"].transform("max")]
+    last = sweep.last_step(df)
     return stats.summarize(last, ["arm"], METRICS + ["decision_accuracy"])
 
 
@@ -54,7 +54,7 @@ def figures(out) -> list[Path]:
 
     out = Path(out)
     df = _arms(store.load(out))
-    last = df[df["step"] == df.groupby("cell")["step"].transform("max")]
+    last = sweep.last_step(df)
     summary = table(out)
     members, hist = sweep.load_histories(out)
     cells = df.drop_duplicates("cell").set_index("cell")["arm"]

@@ -40,7 +40,7 @@ import pandas as pd
 
 import toymesa
 from toymesa import devices, model, stats, store
-from toymesa.config import Config, HParams, check_hparams, columns
+from toymesa.config import Config, HParams, columns
 from toymesa.evaluate import evaluate_population
 from toymesa.spec import Cell, Spec, SpecError, groups
 from toymesa.train import init_population, population
@@ -110,8 +110,7 @@ def run_chunk(chunk: Chunk, run: dict, on_steps=None) -> dict:
     pad = size - n
     seeds = np.asarray(chunk.seeds + chunk.seeds[:1] * pad, np.int32)
     hp_rows = chunk.hparams + chunk.hparams[:1] * pad
-    hp = HParams(*(np.asarray(col, np.float32) for col in zip(*hp_rows, strict=True)))
-    check_hparams(HParams(*(np.asarray(col, float) for col in zip(*hp_rows, strict=True))))
+    hp = HParams(*(np.asarray(col, np.float32) for col in zip(*hp_rows, strict=True)))  # each cell's Config checked its own
     seeds_d, hp_d = devices.shard_population(seeds, hp)
     at = eval_steps(cfg, run)
     evals = []
@@ -297,7 +296,7 @@ def tidy(out, spec: Spec | None = None) -> pd.DataFrame:
             means = [h[:, lo:hi].mean(axis=1) if hi > lo else np.full(n, np.nan) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
             rows[k] = np.stack(means, axis=1).ravel()
         for k in a:
-            if k.startswith("eval.") and k != "eval_step":
+            if k.startswith("eval."):
                 rows[k[5:]] = a[k].ravel()
         frames.append(pd.DataFrame(rows))
     if not frames:
@@ -306,9 +305,14 @@ def tidy(out, spec: Spec | None = None) -> pd.DataFrame:
     return df.merge(cells, on="cell", how="left")
 
 
+def last_step(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a tidy table at each cell's last logged step (one per cell x seed)."""
+    return df[df["step"] == df.groupby("cell")["step"].transform("max")]
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Per cell at its last logged step: mean and 95% bootstrap CI over seeds of each metric."""
-    last = df[df["step"] == df.groupby("cell")["step"].transform("max")]
+    last = last_step(df)
     metrics = [m for m in (*EVAL_METRICS, "loss") if m in last and last[m].notna().any()]
     axes = [c for c in df.columns if c.startswith("axis:")]
     return stats.summarize(last, ["cell", "cell_id", *axes] if axes else ["cell", "cell_id"], metrics)
