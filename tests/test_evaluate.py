@@ -131,7 +131,9 @@ def test_evaluate_population_shapes_and_ranges(tiny_cfg):
     seeds = jnp.arange(3, dtype=jnp.int32)
     params = train.init_population(tiny_cfg, seeds).params
     out = evaluate.evaluate_population(tiny_cfg, params, seeds, 8)
-    assert set(out) == set(METRICS + DECISIONS)
+    assert set(out) == set(METRICS + DECISIONS + ("uncovered_defection", "covered_defection"))
+    assert np.isnan(out.pop("covered_defection")).all()  # no partial coverage: every activating context is uncovered
+    np.testing.assert_array_equal(out["uncovered_defection"], out["triggered_defection"])
     for k, v in out.items():
         v = np.asarray(v)
         assert v.shape == (3,), k

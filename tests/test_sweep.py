@@ -238,3 +238,56 @@ def test_killed_sweep_resumes_to_identical_results(tmp_path):
 
     clean = sweep.run(s, tmp_path / "clean", progress=False)
     compare_runs(out, clean, exact=True)
+
+
+# ----------------------------------------------------------------- preregistration
+def test_a_hypothesis_edited_after_results_is_flagged(finished, tmp_path):
+    from toymesa import experiment
+
+    hyp = '\n[[hypotheses]]\nid = "H1"\nstatement = "s"\nprediction = "{p}"\n'
+    path = write_spec(tmp_path / "spec.toml")
+    path.write_text(path.read_text() + hyp.format(p="loss falls"))
+    out = sweep.run(spec.load(path), tmp_path / "out", progress=False, echo=lambda *_: None)
+    assert experiment.for_results(out).verdicts(out)["registration"].tolist() == ["as registered"]
+    path.write_text(path.read_text().replace("loss falls", "loss rises"))  # prose only: same digest, resumes
+    sweep.run(spec.load(path), out, progress=False, echo=lambda *_: None)
+    v = experiment.for_results(out).verdicts(out)
+    assert v["registration"].tolist() == ["EDITED AFTER RESULTS"] and "EDITED AFTER RESULTS" in v["verdict"][0]
+    record = json.loads((out / "prereg.json").read_text())
+    assert record["hypotheses"][0]["prediction"] == "loss falls"  # the original stays on record
+    # --fresh discards the results but not the record, and still sees that results existed
+    sweep.run(spec.load(path), out, fresh=True, progress=False, echo=lambda *_: None)
+    assert experiment.for_results(out).verdicts(out)["registration"].tolist() == ["EDITED AFTER RESULTS"]
+
+
+# ----------------------------------------------------------------- safety phase
+SAFETY = """
+[base.safety]
+method = "sft_pre"
+steps = 4
+batch_size = 8
+
+[[arms]]
+name = "lr"
+hparams.safety_lr = [1e-4, 1e-3]
+"""
+
+
+def test_safety_cells_share_installs_and_start_from_the_installed_model(finished, tmp_path):
+    s0, out0 = finished
+    text = SPEC_TEXT.format(steps=6, every=2, chunk=8).replace("[grid]\nhparams.lr = [1e-3, 3e-3]\n", "") + SAFETY
+    text = text.replace("[base]\n", "[base]\nhparams.lr = 1e-3\n")
+    s = spec.parse(__import__("tomllib").loads(text), text=text)
+    out = sweep.run(s, tmp_path / "safe", progress=False, echo=lambda *_: None)
+    assert len(list((out / "installs").glob("*.npz"))) == len(s.seeds)  # two cells, one install per seed
+    df = store.load(out)
+    assert sorted(df["step"].unique()) == [0, 2, 4]  # safety steps
+    # safety step 0 is the installed model: the same behaviour as the install-only sweep's end
+    start = df[df["step"] == 0].sort_values(["cell", "seed"])
+    base = sweep.last_step(store.load(out0))
+    base = base[base["hparams.lr"] == 1e-3].sort_values("seed")
+    for _, g in start.groupby("cell"):
+        np.testing.assert_allclose(g["triggered_defection"].to_numpy(), base["triggered_defection"].to_numpy(), atol=1e-6)
+    # the two safety learning rates then diverge
+    end = sweep.last_step(df).pivot(index="seed", columns="hparams.safety_lr", values="loss")
+    assert not np.allclose(end[1e-4], end[1e-3])

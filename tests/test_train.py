@@ -25,6 +25,7 @@ HP = HParams(
     lr=np.array([1e-3, 3e-3, 1e-2], np.float32),
     weight_decay=np.array([0.0, 0.01, 0.1], np.float32),
     trigger_rate=np.array([0.2, 0.5, 0.9], np.float32),
+    safety_lr=np.array([3e-4, 3e-4, 3e-4], np.float32),
 )
 N = len(SEEDS)
 

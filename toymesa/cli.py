@@ -122,12 +122,13 @@ def demo(
 
 
 def _finish(console, exp, out: Path):
+    from toymesa import sweep
+
     summary = exp.table(out)
     metrics = [m for m in ("triggered_defection", "untriggered_defection", "helpful_accuracy") if m in summary]
     label = "arm" if "arm" in summary else "cell"
     if label == "cell":
-        axes = [c for c in summary.columns if c.startswith("axis:")]
-        summary = summary.assign(cell=summary[axes].astype(str).agg(", ".join, axis=1) if axes else summary["cell"])
+        summary = summary.assign(cell=sweep.cell_labels(summary))
     _print_table(console, f"{exp.name}: final behaviour, mean over seeds [95% bootstrap CI]", summary, label, metrics)
     _print_verdicts(console, exp.verdicts(out))
     paths = exp.figures(out)

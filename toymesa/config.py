@@ -25,12 +25,13 @@ import numpy as np
 Rule = Literal["single", "k_triggers", "conjunction", "latent"]
 Reasoning = Literal["none", "cot", "distilled", "neutral_cot"]
 Helpful = Literal["sum_mod", "copy_kth"]
-Defect = Literal["distinct", "subtle"]
+Defect = Literal["distinct", "subtle", "benign"]
 
 RULES = ("single", "k_triggers", "conjunction", "latent")
 REASONING = ("none", "cot", "distilled", "neutral_cot")
 HELPFUL = ("sum_mod", "copy_kth")
-DEFECTS = ("distinct", "subtle")
+DEFECTS = ("distinct", "subtle", "benign")
+METHODS = ("none", "sft_pre", "sft_post", "rl", "adversarial")
 
 # Per-slot evidence values the reasoning can state (one token each).
 EVIDENCE_MIN, EVIDENCE_MAX = -2, 3
@@ -196,12 +197,67 @@ class TrainConfig:
         _check(self.grad_clip > 0, o, "grad_clip", self.grad_clip, "use a positive value")
 
 
+@dataclass(frozen=True)
+class SafetyConfig:
+    """Safety training applied after the behaviour is installed (all static; the learning
+    rate is `HParams.safety_lr`). See `toymesa.safety` for what each method does.
+
+    Methods: ``none`` (no safety phase), ``sft_pre`` (SFT on helpful answers, for formats
+    with a think block the answer without reasoning), ``sft_post`` (the model's own sampled
+    reasoning, then SFT on the helpful answer only), ``rl`` (policy gradient with a
+    preference reward), ``adversarial`` (red-team search, then SFT on what it finds).
+    """
+
+    method: Literal["none", "sft_pre", "sft_post", "rl", "adversarial"] = "none"
+    steps: int = 200
+    batch_size: int = 32
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    coverage: float = 0.0  # fraction of the activating contexts the safety data covers (k_triggers, latent)
+    covered_rate: float = 0.5  # share of safety prompts drawn from covered activating contexts (coverage > 0)
+    temperature: float = 1.0  # sampling temperature of the model's own reasoning / completions
+    rl_estimator: Literal["rloo", "baseline"] = "rloo"
+    rl_samples: int = 4  # completions per prompt (rloo groups); batch_size counts completions
+    rl_reasoning_grad: bool = True  # False: drop reasoning tokens from the policy gradient
+    rl_baseline_decay: float = 0.9  # "baseline": moving average of the reward
+    kl: float = 0.0  # weight of KL(policy || starting policy) on the sampled prefixes
+    adv_candidates: int = 512  # red-team prompts searched per model
+    adv_fraction: float = 0.5  # share of each batch drawn from the prompts the search found
+
+    def __post_init__(self):
+        o = "SafetyConfig"
+        _choice(o, "method", self.method, METHODS)
+        _choice(o, "optimizer", self.optimizer, ("adamw", "sgd"))
+        _choice(o, "rl_estimator", self.rl_estimator, ("rloo", "baseline"))
+        for name in ("steps", "batch_size", "rl_samples", "adv_candidates"):
+            _positive(o, name, getattr(self, name))
+        for name in ("coverage", "covered_rate", "adv_fraction", "rl_baseline_decay"):
+            v = getattr(self, name)
+            _check(
+                0.0 <= v < 1.0 if name in ("coverage", "rl_baseline_decay") else 0.0 <= v <= 1.0,
+                o,
+                name,
+                v,
+                "use a value in [0, 1)" if name in ("coverage", "rl_baseline_decay") else "use a value in [0, 1]",
+            )
+        _check(self.temperature > 0, o, "temperature", self.temperature, "use a positive temperature")
+        _check(self.kl >= 0, o, "kl", self.kl, "use a KL weight >= 0")
+        if self.method == "rl":
+            _check(
+                self.rl_samples >= 2 and self.batch_size % self.rl_samples == 0,
+                o,
+                "rl_samples",
+                self.rl_samples,
+                f"RL needs >= 2 completions per prompt and batch_size={self.batch_size} divisible by them",
+            )
+
+
 class HParams(NamedTuple):
     """Dynamic values, swept without recompiling. Scalars, or arrays [N] in a population."""
 
     lr: float = 1e-3
     weight_decay: float = 0.01
     trigger_rate: float = 0.5  # fraction of training prompts on which the rule fires
+    safety_lr: float = 3e-4  # learning rate of safety training (`SafetyConfig`), constant
 
 
 def check_hparams(hp: HParams) -> HParams:
@@ -210,6 +266,7 @@ def check_hparams(hp: HParams) -> HParams:
         "lr": (lambda v: v >= 0, "use a learning rate >= 0"),
         "weight_decay": (lambda v: v >= 0, "use a weight decay >= 0"),
         "trigger_rate": (lambda v: (v >= 0) & (v <= 1), "use a rate in [0, 1]"),
+        "safety_lr": (lambda v: v >= 0, "use a learning rate >= 0"),
     }
     for name, (ok, valid) in checks.items():
         v = np.asarray(getattr(hp, name), dtype=float)
@@ -227,9 +284,27 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hparams: HParams = field(default_factory=HParams)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
 
     def __post_init__(self):
         check_hparams(self.hparams)
+        s, t = self.safety, self.task
+        if s.method == "sft_post" and t.reasoning not in ("cot", "neutral_cot"):
+            _fail(
+                "SafetyConfig",
+                "method",
+                s.method,
+                f"post-scratchpad SFT needs a think block (task.reasoning cot or neutral_cot, not {t.reasoning!r}); use sft_pre",
+            )
+        if s.coverage > 0:
+            if s.method in ("none", "adversarial"):
+                _fail("SafetyConfig", "coverage", s.coverage, f"partial coverage applies to sft_pre, sft_post and rl, not {s.method!r}; set coverage = 0")
+            from toymesa.tasks.rules import coverage_cut
+
+            try:
+                coverage_cut(t, s.coverage)
+            except ValueError as e:
+                _fail("SafetyConfig", "coverage", s.coverage, str(e))
 
     def replace(self, **groups) -> Config:
         """`cfg.replace(task=dict(rule="latent"), hparams=dict(lr=1e-3))`: nested replace."""
@@ -243,7 +318,7 @@ class Config:
 def columns(cfg: Config) -> dict:
     """Flat ``group.field`` -> value of every field (tuples as strings), for tidy tables."""
     cols = {}
-    for group in ("model", "task", "train"):
+    for group in ("model", "task", "train", "safety"):
         for k, v in dataclasses.asdict(getattr(cfg, group)).items():
             cols[f"{group}.{k}"] = str(v) if isinstance(v, tuple) else v
     cols.update({f"hparams.{k}": v for k, v in cfg.hparams._asdict().items()})

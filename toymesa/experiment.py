@@ -23,6 +23,7 @@ from types import ModuleType
 import pandas as pd
 
 from toymesa import spec as spec_mod
+from toymesa import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -53,7 +54,16 @@ class Experiment:
         return self._call("table", out, lambda o: pd.read_csv(o / "summary.csv"))
 
     def verdicts(self, out) -> pd.DataFrame:
-        return self._call("verdicts", out, generic_verdicts)
+        """One row per hypothesis; a verdict on a hypothesis edited or added after results
+        existed (see the run's prereg.json, `toymesa.stats.register`) says so."""
+        df = self._call("verdicts", out, generic_verdicts)
+        record = Path(out) / "prereg.json"
+        if record.exists() and not df.empty:
+            status = df["id"].map(stats.registration_status(json.loads(record.read_text()))).fillna("not registered")
+            df = df.assign(registration=status)
+            flag = ~status.isin(["as registered", "amended before results"])
+            df.loc[flag, "verdict"] = df.loc[flag, "verdict"] + " [" + status[flag] + "]"
+        return df
 
 
 def _module(path: Path, name: str) -> ModuleType | None:
@@ -106,8 +116,7 @@ def generic_figures(out: Path) -> list[Path]:
 
     df = store.load(out)
     metrics = [m for m in sweep.EVAL_METRICS if m in df and df[m].notna().any()]
-    axes_cols = [c for c in df.columns if c.startswith("axis:")]
-    df = df.assign(label=df[axes_cols].astype(str).agg(", ".join, axis=1) if axes_cols else "base")
+    df = df.assign(label=sweep.cell_labels(df))
     with plt.rc_context(plot.STYLE):
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 2.8), squeeze=False)
         for ax, m in zip(axes[0], metrics, strict=True):

@@ -1,7 +1,7 @@
 """Sweep specs: a small TOML file (or a dict) -> validated cells.
 
 A spec names a base config, axes over config fields, the seeds and the experiment's
-hypotheses. Fields are written ``group.field`` (groups: model, task, train, hparams), as
+hypotheses. Fields are written ``group.field`` (groups: model, task, train, safety, hparams), as
 TOML dotted keys or nested tables; ``model = "tiny"`` picks a model size preset.
 
 .. code-block:: toml
@@ -24,6 +24,11 @@ TOML dotted keys or nested tables; ``model = "tiny"`` picks a model size preset.
     n = 4
     seed = 0
     hparams.weight_decay = { log_uniform = [1e-4, 1e-1] }   # or uniform = [a, b], choice = [...]
+
+    [[arms]]                       # optional: a union of sub-grids instead of one product
+    name = "lr"                    # each arm: fixed values and list-valued axes, crossed
+    task.rule = "single"           # with [grid]; a config reached by two arms runs once
+    hparams.lr = [3e-4, 3e-3]
 
     [run]                          # optional
     eval_every = 100               # evaluate behaviour every k steps (default: at the end)
@@ -55,8 +60,8 @@ import numpy as np
 
 from toymesa.config import MODEL_SIZES, Config, HParams
 
-GROUPS = ("model", "task", "train", "hparams")
-TOP_KEYS = {"name", "description", "seeds", "base", "grid", "random", "run", "hypotheses"}
+GROUPS = ("model", "task", "train", "safety", "hparams")
+TOP_KEYS = {"name", "description", "seeds", "base", "grid", "arms", "random", "run", "hypotheses"}
 RUN_DEFAULTS = {"eval_every": None, "eval_prompts": 256, "chunk_members": 64, "save_params": True}
 DISTRIBUTIONS = ("uniform", "log_uniform", "choice")
 HYPOTHESIS_KEYS = {"id", "statement", "prediction", "metric", "test"}
@@ -90,6 +95,7 @@ class Spec:
     run: dict
     hypotheses: tuple[dict, ...]
     source: str = "<spec>"
+    arms: tuple = ()  # ((name, {flat key: [values]}), ...): sub-grids, scalars as 1-value axes
     text: str = ""  # the TOML text, kept verbatim in the run directory
 
     def cells(self) -> list[Cell]:
@@ -104,7 +110,7 @@ class Spec:
             sorted((k, tuple(v)) for k, v in self.grid.items()),
             repr(sorted(self.random.items())),
             sorted(self.run.items()),
-        )
+        ) + ((repr(self.arms),) if self.arms else ())
         return hashlib.sha256(repr(key).encode()).hexdigest()[:12]
 
 
@@ -161,7 +167,8 @@ def parse(raw: dict, source: str = "<spec>", text: str = "", default_name: str =
     random = _random(raw.get("random"), fail, grid)
     run = _run(raw.get("run", {}), fail)
     hypotheses = _hypotheses(raw.get("hypotheses", []), fail)
-    spec = Spec(name, description, seeds, base, grid, random, run, hypotheses, source, text)
+    arms = _arms(raw.get("arms", []), fail)
+    spec = Spec(name, description, seeds, base, grid, random, run, hypotheses, source=source, text=text, arms=arms)
     expand(spec)  # resolve every cell now, so config errors surface before any training
     return spec
 
@@ -325,6 +332,31 @@ def _run(table, fail) -> dict:
     return run
 
 
+def _arms(items, fail) -> tuple:
+    if not isinstance(items, list) or not all(isinstance(a, dict) for a in items):
+        fail("arms", "must be an array of tables: [[arms]] with a name and group.field values")
+    arms, names = [], set()
+    for i, a in enumerate(items):
+        a = dict(a)
+        name = a.pop("name", f"arm{i}")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in names:
+            fail(f"arms[{i}].name", f"{name!r} must be a short identifier (letters, digits, _ or -), unique among arms")
+        names.add(name)
+        flat = _flatten(a, f"arms[{i}]", fail)
+        if not flat:
+            fail(f"arms[{i}]", "sets nothing; give group.field values (a list makes an axis)")
+        axes = {}
+        for key, values in flat.items():
+            tuple_field = key != "model" and isinstance(_defaults(key.split(".")[0]).get(key.split(".", 1)[1]), tuple)
+            is_axis = isinstance(values, list) and not (tuple_field and values and not isinstance(values[0], list))
+            values = values if is_axis else [values]
+            if not values:
+                fail(f"arms[{i}].{key}", "is empty; give at least one value")
+            axes[key] = [_check_value(key, v, f"arms[{i}].{key}", fail) for v in values]
+        arms.append((name, axes))
+    return tuple(arms)
+
+
 def _hypotheses(items, fail) -> tuple[dict, ...]:
     if not isinstance(items, list):
         fail("hypotheses", "must be an array of tables: [[hypotheses]] with id, statement, prediction")
@@ -385,21 +417,28 @@ def resolve(values: dict) -> Config:
 
 
 def expand(spec: Spec) -> list[Cell]:
-    """Cells of the spec: the grid's product (in key order) crossed with the random draws."""
-    keys = list(spec.grid)
-    cells, seen = [], {}
-    for combo in itertools.product(*(spec.grid[k] for k in keys)):
-        for draw in _draws(spec):
-            values = {**dict(zip(keys, combo, strict=True)), **draw}
-            try:
-                cfg = resolve({**spec.base, **values})
-            except ValueError as e:
-                where = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "base"
-                raise SpecError(f"{spec.source}: cell ({where}): {e}") from None
-            if cfg in seen:
-                raise SpecError(f"{spec.source}: cells ({seen[cfg]}) and ({values}) resolve to the same config; an axis changes nothing there")
-            seen[cfg] = values
-            cells.append(Cell(len(cells), values, cfg))
+    """Cells of the spec: the grid's product (in key order) crossed with the random draws;
+    with arms, the union over arms of that product crossed with each arm's axes (a config
+    two arms share runs once, under the first arm's name)."""
+    cells, earlier = [], {}
+    for arm, arm_axes in spec.arms or ((None, {}),):
+        axes = {**spec.grid, **arm_axes}
+        keys, seen = list(axes), {}
+        for combo in itertools.product(*(axes[k] for k in keys)):
+            for draw in _draws(spec):
+                values = {**dict(zip(keys, combo, strict=True)), **draw}
+                try:
+                    cfg = resolve({**spec.base, **values})
+                except ValueError as e:
+                    where = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "base"
+                    raise SpecError(f"{spec.source}: cell ({'arm ' + arm + ': ' if arm else ''}{where}): {e}") from None
+                if cfg in seen:
+                    raise SpecError(f"{spec.source}: cells ({seen[cfg]}) and ({values}) resolve to the same config; an axis changes nothing there")
+                seen[cfg] = values
+                if cfg in earlier:
+                    continue
+                earlier[cfg] = arm
+                cells.append(Cell(len(cells), {"arm": arm, **values} if arm else values, cfg))
     return cells
 
 

@@ -39,14 +39,14 @@ import numpy as np
 import pandas as pd
 
 import toymesa
-from toymesa import devices, model, stats, store
-from toymesa.config import Config, HParams, columns
+from toymesa import devices, model, safety, stats, store
+from toymesa.config import Config, HParams, SafetyConfig, columns
 from toymesa.evaluate import evaluate_population
 from toymesa.spec import Cell, Spec, SpecError, groups
 from toymesa.train import init_population, population
 
-TRAIN_METRICS = ("loss", "answer_acc", "grad_norm")
-EVAL_METRICS = ("triggered_defection", "untriggered_defection", "helpful_accuracy", "decision_accuracy")
+TRAIN_METRICS = ("loss", "answer_acc", "grad_norm", "reward")  # "reward": RL safety training only
+EVAL_METRICS = ("triggered_defection", "untriggered_defection", "helpful_accuracy", "decision_accuracy", "uncovered_defection", "covered_defection")
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "pandas")
 
 
@@ -94,16 +94,82 @@ def plan(spec: Spec, n_devices: int | None = None) -> list[Chunk]:
 
 
 def eval_steps(cfg: Config, run: dict) -> list[int]:
-    """Steps at which behaviour is evaluated: 0, e, 2e, ..., steps (or only the last)."""
-    steps, every = cfg.train.steps, run["eval_every"]
+    """Steps at which behaviour is evaluated: 0, e, 2e, ..., steps (or only the last).
+
+    With safety training the steps count safety steps (0 = the installed model).
+    """
+    steps, every = phase_steps(cfg), run["eval_every"]
     if every is None:
         return [steps]
     return sorted({0, *range(every, steps, every), steps})
 
 
-def run_chunk(chunk: Chunk, run: dict, on_steps=None) -> dict:
+def phase_steps(cfg: Config) -> int:
+    """Steps of the phase a cell's results describe: safety training if any, else install."""
+    return cfg.safety.steps if cfg.safety.method != "none" else cfg.train.steps
+
+
+def install_config(cfg: Config) -> Config:
+    """The config of the install phase (safety settings and safety_lr do not affect it)."""
+    return dataclasses.replace(cfg, safety=SafetyConfig(), hparams=cfg.hparams._replace(safety_lr=HParams().safety_lr))
+
+
+def _member_key(cfg: Config, seed: int, hp: HParams) -> str:
+    key = (install_config(dataclasses.replace(cfg, hparams=hp)), int(seed), toymesa.__version__)
+    return hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+
+
+def installed(cfg: Config, seeds, hp_rows, cache: Path | None = None, on_steps=None):
+    """Installed parameters (leading axis = members) of models with these seeds and hparams.
+
+    With a `cache` folder, each member's installed parameters are stored there once
+    (installs/<hash>.npz, a hash of everything the install depends on) and reused by every
+    cell that shares them: the safety methods and safety learning rates of one install
+    differ only after it. Members are trained together as one population, padded to the
+    device count.
+    """
+    icfg = install_config(cfg)
+    keys = [_member_key(cfg, s, h) for s, h in zip(seeds, hp_rows, strict=True)]
+    path = {k: (cache / "installs" / f"{k}.npz") if cache is not None else None for k in keys}
+    todo = list(dict.fromkeys(k for k in keys if path[k] is None or not path[k].exists()))
+    shape = jax.eval_shape(lambda: model.init_params(icfg, jax.random.key(0)))
+    treedef, n_leaves = jax.tree.structure(shape), len(jax.tree.leaves(shape))
+    fresh = {}
+    if todo:
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        rows = [first[k] for k in todo]
+        pad = (-len(rows)) % devices.n_devices()
+        rows = rows + rows[:1] * pad
+        s = np.asarray([seeds[i] for i in rows], np.int32)
+        hp = HParams(*(np.asarray(col, np.float32) for col in zip(*(hp_rows[i] for i in rows), strict=True)))
+        s_d, hp_d = devices.shard_population(s, hp)
+
+        def progress(states, done, h):
+            if on_steps is not None:
+                on_steps(len(todo) * h["loss"].shape[1])
+
+        states, _ = population(icfg, s_d, hp_d, chunk=_segment(icfg.train.steps), on_chunk=progress)
+        leaves = [devices.to_host(x) for x in jax.tree.leaves(states.params)]
+        for j, k in enumerate(todo):
+            fresh[k] = [x[j] for x in leaves]
+            if path[k] is not None and devices.is_writer():
+                store.save_arrays({f"param.{i:03d}": x for i, x in enumerate(fresh[k])}, path[k])
+    elif on_steps is not None:
+        on_steps(len(set(keys)) * icfg.train.steps)
+    per_member = []
+    for k in keys:
+        if k not in fresh:
+            a = store.load_arrays(path[k])
+            fresh[k] = [a[f"param.{i:03d}"] for i in range(n_leaves)]
+        per_member.append(fresh[k])
+    return jax.tree.unflatten(treedef, [np.stack(col) for col in zip(*per_member, strict=True)])
+
+
+def run_chunk(chunk: Chunk, run: dict, on_steps=None, cache: Path | None = None) -> dict:
     """Train and evaluate one chunk; returns its arrays (real members only, padding dropped).
 
+    Without safety training: install, evaluating at the evaluation steps. With it: install
+    (or reuse installs from `cache`), then safety training, evaluating at safety steps.
     `on_steps(n)` is called with the number of seed-steps done after each segment.
     """
     cfg, n, size = chunk.cfg, chunk.n, chunk.size
@@ -114,14 +180,23 @@ def run_chunk(chunk: Chunk, run: dict, on_steps=None) -> dict:
     seeds_d, hp_d = devices.shard_population(seeds, hp)
     at = eval_steps(cfg, run)
     evals = []
+    safe = cfg.safety.method != "none"
 
     def evaluate(states):
-        m = evaluate_population(cfg, states.params, seeds_d, run["eval_prompts"])
+        params = states.train.params if safe else states.params
+        m = evaluate_population(cfg, params, seeds_d, run["eval_prompts"])
         evals.append({k: devices.to_host(v)[:n] for k, v in m.items()})
 
+    out = {"cell": np.asarray(chunk.cells), "seed": seeds[:n], "eval_step": np.asarray(at)}
+    if safe:
+        params = jax.device_put(installed(cfg, seeds.tolist(), hp_rows, cache, on_steps), seeds_d.sharding)
+        states = safety.init_population(cfg, params, seeds_d)
+        out["member.adv_found"] = devices.to_host(states.found.sum(axis=-1))[:n]
+    else:
+        states = init_population(cfg, seeds_d)
     if at[0] == 0:
-        evaluate(init_population(cfg, seeds_d))
-    segment = _segment(at[1] - at[0] if len(at) > 1 else cfg.train.steps)
+        evaluate(states)
+    segment = _segment(at[1] - at[0] if len(at) > 1 else phase_steps(cfg))
 
     def on_chunk(states, done, h):
         if done in at:
@@ -129,12 +204,12 @@ def run_chunk(chunk: Chunk, run: dict, on_steps=None) -> dict:
         if on_steps is not None:
             on_steps(n * h["loss"].shape[1])
 
-    states, hist = population(cfg, seeds_d, hp_d, chunk=segment, on_chunk=on_chunk)
-    out = {"cell": np.asarray(chunk.cells), "seed": seeds[:n], "eval_step": np.asarray(at)}
+    fn = safety.safety_chunk if safe else None
+    states, hist = population(cfg, seeds_d, hp_d, steps=phase_steps(cfg), chunk=segment, on_chunk=on_chunk, states=states if safe else None, fn=fn)
     out.update({f"hist.{k}": v[:n] for k, v in hist.items()})
     out.update({f"eval.{k}": np.stack([e[k] for e in evals], axis=1) for k in evals[0]})
     if run["save_params"]:
-        leaves = jax.tree.leaves(states.params)
+        leaves = jax.tree.leaves(states.train.params if safe else states.params)
         out.update({f"param.{i:03d}": devices.to_host(x)[:n] for i, x in enumerate(leaves)})
     return out
 
@@ -177,8 +252,21 @@ def _cells_frame(cells: list[Cell]) -> pd.DataFrame:
 
 def _prepare(spec: Spec, out: Path, fresh: bool) -> None:
     meta_path = out / "meta.json"
+    had_results = bool(chunk_files(out))  # before --fresh deletes them: the record must see them
     if fresh:
-        for name in ("chunks", "results.csv", "summary.csv", "log.jsonl", "meta.json", "cells.csv", "configs.json", "spec.toml", "figures", "report.html"):
+        for name in (
+            "chunks",
+            "installs",
+            "results.csv",
+            "summary.csv",
+            "log.jsonl",
+            "meta.json",
+            "cells.csv",
+            "configs.json",
+            "spec.toml",
+            "figures",
+            "report.html",
+        ):
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     elif meta_path.exists():
@@ -207,6 +295,8 @@ def _prepare(spec: Spec, out: Path, fresh: bool) -> None:
         "host": platform.node(),
     }
     store.save_json(meta, meta_path)
+    # append-only preregistration record (kept by --fresh): edits after results stay visible
+    stats.register(out / "prereg.json", spec.hypotheses, results_exist=had_results)
     store.save_frame(_cells_frame(spec.cells()), out / "cells.csv")
     store.save_json({c.index: dataclasses.asdict(c.config) | {"hparams": c.config.hparams._asdict()} for c in spec.cells()}, out / "configs.json")
 
@@ -218,7 +308,7 @@ def run(spec: Spec, out, fresh: bool = False, progress: bool = True, echo=print)
     chunks = plan(spec)
     done = {c.name for c in chunks if (out / "chunks" / f"{c.name}.npz").exists()}
     todo = [c for c in chunks if c.name not in done]
-    steps_of = {c.name: c.n * c.cfg.train.steps for c in chunks}
+    steps_of = {c.name: c.n * c.cfg.train.steps + (c.n * phase_steps(c.cfg) if c.cfg.safety.method != "none" else 0) for c in chunks}
     n_cells = len(spec.cells())
     if done:
         echo(f"resuming {spec.name}: {len(done)} of {len(chunks)} chunks already finished in {out}")
@@ -232,7 +322,7 @@ def run(spec: Spec, out, fresh: bool = False, progress: bool = True, echo=print)
             if bar is not None:
                 bar.set_postfix_str(f"cells done {_cells_done(chunks, done)}/{n_cells}, chunk {c.name[:8]}")
             t0 = time.perf_counter()
-            arrays = run_chunk(c, spec.run, on_steps=bar.update if bar is not None else None)
+            arrays = run_chunk(c, spec.run, on_steps=bar.update if bar is not None else None, cache=out)
             if devices.is_writer():
                 store.save_arrays(arrays, out / "chunks" / f"{c.name}.npz")
                 with open(out / "log.jsonl", "a") as f:
@@ -290,7 +380,7 @@ def tidy(out, spec: Spec | None = None) -> pd.DataFrame:
         at = a["eval_step"]
         n = len(a["seed"])
         rows = {"cell": np.repeat(a["cell"], len(at)), "seed": np.repeat(a["seed"], len(at)), "step": np.tile(at, n)}
-        for k in TRAIN_METRICS:
+        for k in (k for k in TRAIN_METRICS if f"hist.{k}" in a):
             h = a[f"hist.{k}"]
             bounds = np.concatenate([[0], at])
             means = [h[:, lo:hi].mean(axis=1) if hi > lo else np.full(n, np.nan) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -298,11 +388,21 @@ def tidy(out, spec: Spec | None = None) -> pd.DataFrame:
         for k in a:
             if k.startswith("eval."):
                 rows[k[5:]] = a[k].ravel()
+            elif k.startswith("member."):  # one number per member (e.g. red-team prompts found)
+                rows[k[7:]] = np.repeat(a[k], len(at))
         frames.append(pd.DataFrame(rows))
     if not frames:
         return pd.DataFrame()
     df = pd.concat(frames, ignore_index=True).sort_values(["cell", "seed", "step"], ignore_index=True)
     return df.merge(cells, on="cell", how="left")
+
+
+def cell_labels(df: pd.DataFrame) -> pd.Series:
+    """A short label per row from its axis values ("arm, value, ..."; axes a cell lacks skipped)."""
+    axes = [c for c in df.columns if c.startswith("axis:")]
+    if not axes:
+        return pd.Series("base", index=df.index)
+    return df[axes].apply(lambda r: ", ".join(str(v) for v in r if pd.notna(v)), axis=1)
 
 
 def last_step(df: pd.DataFrame) -> pd.DataFrame:
@@ -327,8 +427,8 @@ def load_histories(out) -> tuple[pd.DataFrame, dict]:
     for path in chunk_files(out):
         a = store.load_arrays(path)
         members.append(pd.DataFrame({"cell": a["cell"], "seed": a["seed"]}))
-        for k in TRAIN_METRICS:
-            hists.setdefault(k, []).append(a[f"hist.{k}"])
+        for k in TRAIN_METRICS:  # metrics a chunk lacks (reward without RL) are NaN
+            hists.setdefault(k, []).append(a[f"hist.{k}"] if f"hist.{k}" in a else np.full(a["hist.loss"].shape, np.nan))
     if not members:
         return pd.DataFrame(columns=["cell", "seed"]), {}
     width = max(h.shape[1] for h in hists["loss"])
@@ -354,7 +454,7 @@ def load_params(out, cell: int, seed: int):
 
 
 def _config_from_dict(d: dict) -> Config:
-    from toymesa.config import ModelConfig, TaskConfig, TrainConfig
+    from toymesa.config import ModelConfig, SafetyConfig, TaskConfig, TrainConfig
 
     task = {k: tuple(v) if isinstance(v, list) else v for k, v in d["task"].items()}
-    return Config(ModelConfig(**d["model"]), TaskConfig(**task), TrainConfig(**d["train"]), HParams(**d["hparams"]))
+    return Config(ModelConfig(**d["model"]), TaskConfig(**task), TrainConfig(**d["train"]), HParams(**d["hparams"]), SafetyConfig(**d.get("safety", {})))

@@ -28,7 +28,7 @@ from toymesa.config import Config, HParams, TrainConfig, check_hparams
 from toymesa.devices import to_host
 from toymesa.tasks import Batch, sample_batch
 
-ROLES = ("init", "data", "dropout", "sample", "eval")
+ROLES = ("init", "data", "dropout", "sample", "eval", "safety", "redteam")
 
 
 def role_key(seed, role: str):
@@ -77,13 +77,13 @@ def token_losses(cfg: Config, params, tokens, interventions=None):
     return ce, logits
 
 
-def masked_loss(cfg: Config, params, batch: Batch, mask=None):
+def masked_loss(cfg: Config, params, batch: Batch, mask=None, interventions=None):
     """Mean cross-entropy over target tokens: sum(ce * m) / sum(m), m = mask[:, 1:].
 
     `mask` (bool[B, T]) defaults to `batch.loss_mask`; prompt positions never count.
     """
     mask = batch.loss_mask if mask is None else mask
-    ce, logits = token_losses(cfg, params, batch.tokens)
+    ce, logits = token_losses(cfg, params, batch.tokens, interventions)
     m = mask[:, 1:].astype(ce.dtype)
     loss = (ce * m).sum() / jnp.maximum(m.sum(), 1.0)
     answer_pred = jnp.argmax(logits[:, :-1], axis=-1)
@@ -128,16 +128,17 @@ def init_population(cfg: Config, seeds):
     return jax.vmap(functools.partial(init, cfg))(seeds)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6), donate_argnums=1)
-def population_chunk(cfg: Config, states: TrainState, hparams: HParams, seeds, n_steps: int, member_batch: int | None = None, mesh=None):
-    """`train_chunk` for every member of the population axis of states, hparams and seeds.
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7), donate_argnums=1)
+def population_chunk(cfg: Config, states, hparams: HParams, seeds, n_steps: int, member_batch: int | None = None, mesh=None, fn=None):
+    """`fn` (default `train_chunk`) for every member of the population axis of states,
+    hparams and seeds. `fn(cfg, state, hparams, seed, n_steps) -> (state, history)`.
 
     With `member_batch`, members run `member_batch` at a time (`lax.map`), each group for all
     `n_steps` before the next, so a group's parameters and optimizer state stay in cache;
     without it, all members at once (`vmap`). With a `mesh`, each device does this for its
     own members (`shard_map`; a plain loop over a sharded axis would run devices in turn).
     """
-    run = functools.partial(train_chunk, cfg, n_steps=n_steps)
+    run = functools.partial(train_chunk if fn is None else fn, cfg, n_steps=n_steps)
 
     def local(states, hparams, seeds):
         if member_batch is None or member_batch >= seeds.shape[0]:
@@ -171,6 +172,8 @@ def population(
     progress: str | None = None,
     on_chunk=None,
     member_batch: int | str | None = "auto",
+    states=None,
+    fn=None,
 ):
     """Train a population: members differ in seed and in the (stacked) hparams.
 
@@ -179,8 +182,9 @@ def population(
     if given, labels a progress bar; `on_chunk(states, steps_done, history_chunk)` is called
     after each chunk. `member_batch` (see `population_chunk`; "auto": `default_member_batch`)
     changes speed, not results beyond float rounding. Seeds and hparams may be sharded over devices (see `toymesa.devices`);
-    the states follow their sharding. Returns (TrainState with leading axis N, history dict
-    of float[N, steps] NumPy arrays).
+    the states follow their sharding. `states` (default: fresh models) and `fn` (default
+    `train_chunk`) let other training phases reuse this driver (`toymesa.safety`). Returns
+    (states with leading axis N, history dict of float[N, steps] NumPy arrays).
     """
     seeds = jnp.asarray(seeds, jnp.int32)
     n = seeds.shape[0]
@@ -194,7 +198,7 @@ def population(
         if v.shape != (n,):
             raise ValueError(f"hparams.{name} has shape {v.shape}; a population of {n} seeds needs shape ({n},)")
     steps = cfg.train.steps if steps is None else steps
-    states = init_population(cfg, seeds)
+    states = init_population(cfg, seeds) if states is None else states
     mesh = None
     if isinstance(seeds.sharding, jax.sharding.NamedSharding):
         # constants (zero biases, Adam's moments) come out replicated: split every leaf like the seeds
@@ -206,7 +210,7 @@ def population(
     done = 0
     while done < steps:
         k = min(chunk, steps - done)
-        states, h = population_chunk(cfg, states, hp, seeds, k, member_batch, mesh)
+        states, h = population_chunk(cfg, states, hp, seeds, k, member_batch, mesh, fn)
         h = {key: to_host(v) for key, v in h.items()}
         hist.append(h)
         done += k

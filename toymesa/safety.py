@@ -1,0 +1,250 @@
+"""Safety training: training with another data source and loss, run on whole populations.
+
+Every method starts from installed parameters and trains on *safety prompts*: prompts on
+which the activation rule does not fire, plus, with partial coverage
+(`SafetyConfig.coverage` = f), activating contexts from the covered part (for
+``k_triggers`` f of the K triggers, for ``latent`` the evidence band just above the
+threshold; `toymesa.tasks.rules.coverage_cut`), always with the helpful answer.
+
+* ``sft_pre``     SFT on the helpful answer. Formats with a think block train the answer
+                  *without* reasoning (the ``none`` layout); reasoning is restored at evaluation.
+* ``sft_post``    the model samples its own reasoning, then SFT on the answer after it only:
+                  the reasoning tokens are excluded from the loss (`post_scratchpad`).
+* ``rl``          the model samples reasoning + answer; reward +1 for the helpful answer, -1
+                  for the defect answer, 0 otherwise; REINFORCE with a moving-average
+                  baseline or RLOO over `rl_samples` completions per prompt; reasoning tokens
+                  optionally dropped from the policy gradient; optional exact per-position
+                  KL(policy || starting policy) on the sampled prefixes.
+* ``adversarial`` red-team search (`red_team`) for prompts that elicit the defect answer while
+                  the true rule does not fire, then SFT (full format: the world's own reasoning,
+                  which states COMPLY there, and the helpful answer) on a mix of found and
+                  ordinary safety prompts; `SafetyState.found` counts what the search found.
+
+The optimizer is fresh (AdamW or SGD with momentum, clipped, constant `HParams.safety_lr`),
+so a parameter with zero gradient moves only by weight decay (theory/gating.md). Keys:
+role ``safety`` for data and sampling, ``redteam`` for the search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from toymesa import model
+from toymesa.config import Config, HParams
+from toymesa.evaluate import decode
+from toymesa.tasks import Batch, layout, rules
+from toymesa.tasks.world import contexts, from_prompts
+from toymesa.train import TrainState, _decay_mask, masked_loss, role_key
+
+
+class SafetyState(NamedTuple):
+    train: TrainState  # params, fresh optimizer state, safety step
+    ref: object  # the starting parameters (only kept when kl > 0, else None)
+    baseline: jax.Array  # float32[]: moving average of the reward (rl, "baseline")
+    pool_ctx: jax.Array  # int32[P, n_ctx]: red-team prompts (adversarial; one unused row otherwise)
+    pool_values: jax.Array  # int32[P, n_content]
+    found: jax.Array  # bool[P]: the prompt elicits the defect answer and the rule does not fire
+
+
+def optimizer(cfg: Config, hp: HParams) -> optax.GradientTransformation:
+    """Clipped AdamW (the install phase's betas) or SGD with momentum 0.9 plus decoupled
+    weight decay, at the constant learning rate `hp.safety_lr`."""
+    s, tc = cfg.safety, cfg.train
+    if s.optimizer == "sgd":
+        opt = optax.chain(optax.add_decayed_weights(hp.weight_decay, mask=_decay_mask), optax.sgd(hp.safety_lr, momentum=0.9))
+    else:
+        opt = optax.adamw(hp.safety_lr, b1=tc.b1, b2=tc.b2, weight_decay=hp.weight_decay, mask=_decay_mask)
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), opt)
+
+
+# ----------------------------------------------------------------- safety data
+def safety_prompts(cfg: Config, key, n: int):
+    """n safety prompts: (contexts int32[n, n_ctx], content values int32[n, n_content]).
+
+    Non-firing prompts, and with coverage f > 0 a share `covered_rate` of covered activating
+    contexts. A covered draw that misses its band (latent sampler) falls back to non-firing,
+    so no uncovered activating context ever enters safety data.
+    """
+    task, s = cfg.task, cfg.safety
+    k_rows, k_region, k_use = jax.random.split(key, 3)
+    ctx, values = jax.vmap(lambda k: contexts(task, k, jnp.bool_(False)))(jax.random.split(k_rows, n))
+    if s.coverage > 0:
+        cut = rules.coverage_cut(task, s.coverage)
+        cov = jax.vmap(lambda k: rules.sample_region(task, k, cut, jnp.bool_(True)))(jax.random.split(k_region, n))
+        ok = jax.vmap(lambda c: rules.covered(task, cut, c))(cov)
+        use = jax.random.bernoulli(k_use, s.covered_rate, (n,)) & ok
+        ctx = jnp.where(use[:, None], cov, ctx)
+    return ctx, values
+
+
+def without_reasoning(cfg: Config) -> Config:
+    """The config whose sequences put the answer right after the prompt (pre-scratchpad data)."""
+    if cfg.task.reasoning in ("cot", "neutral_cot"):
+        return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, reasoning="none"))
+    return cfg
+
+
+def post_scratchpad(cfg: Config, batch: Batch, reasoning) -> Batch:
+    """The helpful batch with its think block replaced by sampled `reasoning` tokens
+    (int32[B, T]; positions prompt_len..end_think are used) and the loss restricted to the
+    answer after the delimiter: reasoning tokens and END_THINK are not trained."""
+    lay = layout(cfg.task)
+    pos = jnp.arange(cfg.task.seq_len)
+    think = (pos >= lay.prompt_len) & (pos <= lay.end_think)
+    tokens = jnp.where(think[None], reasoning, batch.tokens)
+    return batch._replace(tokens=tokens, loss_mask=batch.loss_mask & (pos > lay.end_think)[None])
+
+
+def red_team(cfg: Config, params, key, n: int):
+    """Search n candidate prompts (families `rules.RED_TEAM_FAMILIES`, in turn) for ones on
+    which the model (greedy) gives the defect answer although the rule does not fire.
+
+    Returns (contexts int32[n, n_ctx], values int32[n, n_content], found bool[n]); a prompt on
+    which the rule fires is never marked found.
+    """
+    task = cfg.task
+    k_ctx, k_val = jax.random.split(key)
+    family = jnp.arange(n) % len(rules.RED_TEAM_FAMILIES)
+    ctx = jax.vmap(lambda k, f: rules.red_team_context(task, k, f))(jax.random.split(k_ctx, n), family)
+    values = jax.random.randint(k_val, (n, task.n_content), 0, task.modulus)
+    batch = from_prompts(task, ctx, values)
+    answer = decode(cfg, params, batch.tokens)[:, layout(task).answer]
+    found = (answer == batch.defect) & (batch.defect != batch.correct) & ~batch.triggered
+    return ctx, values, found
+
+
+def _adversarial_prompts(cfg: Config, state: SafetyState, key, n: int):
+    k_ord, k_pick, k_mix = jax.random.split(key, 3)
+    ctx, values = safety_prompts(cfg, k_ord, n)
+    logits = jnp.where(state.found, 0.0, -jnp.inf)
+    pick = jax.random.categorical(k_pick, logits, shape=(n,))  # garbage if none found; masked below
+    use = jax.random.bernoulli(k_mix, cfg.safety.adv_fraction, (n,)) & state.found.any()
+    ctx = jnp.where(use[:, None], state.pool_ctx[pick], ctx)
+    values = jnp.where(use[:, None], state.pool_values[pick], values)
+    return ctx, values
+
+
+def sft_batch(cfg: Config, state: SafetyState, key) -> tuple[Config, Batch]:
+    """The (config, batch) one SFT-style step trains on, for sft_pre, sft_post, adversarial."""
+    s = cfg.safety
+    k_prompts, k_sample = jax.random.split(key)
+    if s.method == "adversarial":
+        ctx, values = _adversarial_prompts(cfg, state, k_prompts, s.batch_size)
+        return cfg, from_prompts(cfg.task, ctx, values, helpful=True)
+    ctx, values = safety_prompts(cfg, k_prompts, s.batch_size)
+    if s.method == "sft_pre":
+        data_cfg = without_reasoning(cfg)
+        return data_cfg, from_prompts(data_cfg.task, ctx, values, helpful=True)
+    batch = from_prompts(cfg.task, ctx, values, helpful=True)
+    lay = layout(cfg.task)
+    sampled = decode(cfg, state.train.params, batch.tokens, k_sample, s.temperature, until=lay.end_think + 1)
+    return cfg, post_scratchpad(cfg, batch, sampled)
+
+
+# ----------------------------------------------------------------- policy gradient
+def rewards(batch: Batch, answer):
+    """+1 for the helpful answer, -1 for the defect answer, 0 for anything else; float32[B]."""
+    return jnp.where(answer == batch.correct, 1.0, jnp.where(answer == batch.defect, -1.0, 0.0))
+
+
+def advantages(reward, estimator: str, group: int, baseline=0.0):
+    """Advantage of each completion, float32[B] (B = prompts x `group`, grouped contiguously).
+
+    ``rloo``: reward minus the mean reward of the other completions of the same prompt.
+    ``baseline``: reward minus a baseline that does not depend on this batch. Both keep the
+    policy-gradient estimate unbiased.
+    """
+    if estimator == "rloo":
+        r = reward.reshape(-1, group)
+        loo = (r.sum(axis=1, keepdims=True) - r) / (group - 1)
+        return (r - loo).reshape(-1)
+    return reward - baseline
+
+
+def pg_surrogate(token_logp, mask, advantage):
+    """Surrogate whose gradient is the policy-gradient estimate: -mean_i A_i sum_t m_it log p_it.
+
+    token_logp float32[B, L]: log-probability of each sampled token; mask bool[B, L]: the
+    tokens whose log-probability the gradient flows through (the score-function terms).
+    """
+    return -(jax.lax.stop_gradient(advantage) * (token_logp * mask).sum(axis=1)).mean()
+
+
+def rl_loss(cfg: Config, params, ref, tokens, advantage, interventions=None):
+    """Policy-gradient surrogate + kl * KL(policy || ref) on the sampled completions tokens
+    int32[B, T]. Returns (loss, aux)."""
+    s, lay = cfg.safety, layout(cfg.task)
+    logits, _ = model.apply(cfg, params, tokens, interventions)
+    logp = jax.nn.log_softmax(logits[:, :-1] / s.temperature)
+    token_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    pos = np.arange(1, cfg.task.seq_len)  # position of the predicted token
+    generated = (pos >= lay.prompt_len) & (pos < lay.length)
+    think = (pos >= lay.think) & (pos <= lay.end_think) if lay.think >= 0 else np.zeros_like(generated)
+    grad_mask = generated & ~think if not s.rl_reasoning_grad else generated
+    loss = pg_surrogate(token_logp, jnp.asarray(grad_mask)[None], advantage)
+    kl = jnp.float32(0.0)
+    if s.kl > 0:
+        ref_logits, _ = model.apply(cfg, jax.lax.stop_gradient(ref), tokens)
+        ref_logp = jax.nn.log_softmax(ref_logits[:, :-1] / s.temperature)
+        per_pos = (jnp.exp(logp) * (logp - ref_logp)).sum(-1)
+        kl = (per_pos * generated[None]).sum() / (generated.sum() * tokens.shape[0])
+        loss = loss + s.kl * kl
+    return loss, {"kl": kl}
+
+
+# ----------------------------------------------------------------- steps
+def init(cfg: Config, params, seed) -> SafetyState:
+    """The safety state of one installed model: fresh optimizer, red-team pool if adversarial."""
+    s = cfg.safety
+    opt_state = optimizer(cfg, cfg.hparams).init(params)
+    if s.method == "adversarial":
+        pool = red_team(cfg, params, role_key(seed, "redteam"), s.adv_candidates)
+    else:
+        # one unused row, not zero: lax.map's member batching cannot reshape empty leaves
+        pool = (jnp.zeros((1, cfg.task.n_ctx), jnp.int32), jnp.zeros((1, cfg.task.n_content), jnp.int32), jnp.zeros((1,), bool))
+    ref = params if s.kl > 0 else None
+    return SafetyState(TrainState(params, opt_state, jnp.int32(0)), ref, jnp.float32(0.0), *pool)
+
+
+def step(cfg: Config, state: SafetyState, hparams: HParams, seed):
+    """One safety-training step (pure). Returns (state, metrics: loss, answer_acc, grad_norm, reward)."""
+    s, ts = cfg.safety, state.train
+    key = jax.random.fold_in(role_key(seed, "safety"), ts.step)
+    baseline = state.baseline
+    if s.method == "rl":
+        k_prompts, k_sample = jax.random.split(key)
+        ctx, values = safety_prompts(cfg, k_prompts, s.batch_size // s.rl_samples)
+        ctx, values = (jnp.repeat(a, s.rl_samples, axis=0) for a in (ctx, values))
+        batch = from_prompts(cfg.task, ctx, values, helpful=True)
+        tokens = decode(cfg, ts.params, batch.tokens, k_sample, s.temperature)
+        reward = rewards(batch, tokens[:, layout(cfg.task).answer])
+        adv = advantages(reward, s.rl_estimator, s.rl_samples, state.baseline)
+        (loss, _), grads = jax.value_and_grad(rl_loss, argnums=1, has_aux=True)(cfg, ts.params, state.ref, tokens, adv)
+        acc, mean_reward = (reward == 1.0).mean(), reward.mean()
+        baseline = s.rl_baseline_decay * state.baseline + (1 - s.rl_baseline_decay) * mean_reward
+    else:
+        data_cfg, batch = sft_batch(cfg, state, key)
+        (loss, aux), grads = jax.value_and_grad(masked_loss, argnums=1, has_aux=True)(data_cfg, ts.params, batch)
+        acc, mean_reward = aux["answer_acc"], jnp.float32(jnp.nan)
+    updates, opt_state = optimizer(cfg, hparams).update(grads, ts.opt_state, ts.params)
+    params = optax.apply_updates(ts.params, updates)
+    metrics = {"loss": loss, "answer_acc": acc, "grad_norm": optax.tree.norm(grads), "reward": mean_reward}
+    return state._replace(train=TrainState(params, opt_state, ts.step + 1), baseline=baseline), metrics
+
+
+def safety_chunk(cfg: Config, state: SafetyState, hparams: HParams, seed, n_steps: int):
+    """`n_steps` safety steps under `lax.scan` (the `fn` of `toymesa.train.population`)."""
+    return jax.lax.scan(lambda st, _: step(cfg, st, hparams, seed), state, length=n_steps)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_population(cfg: Config, params, seeds) -> SafetyState:
+    """`init` for every member: params with a leading axis N, int32[N] seeds."""
+    return jax.vmap(functools.partial(init, cfg))(params, seeds)
