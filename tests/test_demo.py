@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from toymesa import cli, demo, store
 from toymesa.experiment import result_dirs
 
-N_SEEDS, STEPS = 2, 2
+N_SEEDS, STEPS, SAFETY_STEPS = 2, 2, 2
 SMALL = {"model": "tiny", "train.batch_size": 8}
 ARM_LABELS = sorted(f"{r}/{f}" for r, f in demo.ARMS)
 COMMANDS = ["demo", "run", "sweep", "figures", "report", "list", "bench"]
@@ -22,7 +22,7 @@ COMMANDS = ["demo", "run", "sweep", "figures", "report", "list", "bench"]
 
 def run(out, **kw):
     messages = []
-    demo.main(out=out, n_seeds=N_SEEDS, steps=STEPS, echo=messages.append, base=SMALL, progress=False, **kw)
+    demo.main(out=out, n_seeds=N_SEEDS, steps=STEPS, echo=messages.append, base=SMALL, progress=False, safety_steps=SAFETY_STEPS, **kw)
     return messages
 
 
@@ -39,8 +39,10 @@ def demo_out(tmp_path_factory):
 
 def test_demo_end_to_end(demo_out):
     results = store.load(demo_out)
-    assert len(results) == len(demo.ARMS) * N_SEEDS  # one logged step: the last
-    assert (results["step"] == STEPS).all() and (results["train.steps"] == STEPS).all()
+    assert len(results) == len(demo.ARMS) * N_SEEDS * 2  # logged safety steps: 0 (installed) and the last
+    assert sorted(results["step"].unique()) == [0, SAFETY_STEPS] and (results["train.steps"] == STEPS).all()
+    assert (results["safety.method"] == "sft_pre").all() and (results["safety.steps"] == SAFETY_STEPS).all()
+    assert len(list((demo_out / "installs").glob("*.npz"))) == len(demo.ARMS) * N_SEEDS
     for _, g in results.groupby("cell"):
         assert sorted(g["seed"]) == list(range(N_SEEDS))
     for m in demo.METRICS:
@@ -48,7 +50,7 @@ def test_demo_end_to_end(demo_out):
     cot = results["task.reasoning"] == "cot"
     assert results.loc[cot, "decision_accuracy"].between(0, 1).all()
     assert results.loc[~cot, "decision_accuracy"].isna().all()
-    assert np.isfinite(results["loss"]).all()
+    assert np.isfinite(results.loc[results["step"] > 0, "loss"]).all()
 
     summary = demo.table(demo_out)
     assert sorted(summary["arm"]) == ARM_LABELS and (summary["n"] == N_SEEDS).all()
@@ -131,7 +133,7 @@ def test_cli_list_and_unknown_experiment():
 @pytest.mark.slow
 def test_demo_with_the_real_config(tmp_path):
     steps = demo.spec().cells()[0].config.train.warmup_steps + 1  # the fewest steps the real config accepts
-    demo.main(out=tmp_path, n_seeds=2, steps=steps, echo=lambda *_: None, progress=False)
+    demo.main(out=tmp_path, n_seeds=2, steps=steps, echo=lambda *_: None, progress=False, safety_steps=2)
     results = store.load(tmp_path)
-    assert len(results) == 8 and all(results[m].between(0, 1).all() for m in demo.METRICS)
-    assert np.isfinite(results["loss"]).all()
+    assert len(results) == 16 and all(results[m].between(0, 1).all() for m in demo.METRICS)
+    assert np.isfinite(results.loc[results["step"] > 0, "loss"]).all()

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from toymesa import evaluate, model, stats, train
 from toymesa.config import REASONING
-from toymesa.tasks import PAD, balanced, layout, vocab
+from toymesa.tasks import PAD, THINK, balanced, layout, vocab
 
 METRICS = ("triggered_defection", "untriggered_defection", "helpful_accuracy")
 DECISIONS = ("decision_triggered", "decision_untriggered", "decision_accuracy")
@@ -96,10 +96,12 @@ def test_greedy_decode_is_deterministic_and_self_consistent(tiny_cfg, tiny_param
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a[:, : lay.prompt_len], np.asarray(prompts)[:, : lay.prompt_len])
     np.testing.assert_array_equal(a[:, lay.length :], PAD)
-    # each decoded token is the argmax of the model's logits on the decoded sequence one step before
+    # THINK is given (the prompt opens the scratchpad); each later token is the argmax of the
+    # model's logits on the decoded sequence one step before
+    assert (a[:, lay.think] == THINK).all()
     logits, _ = model.apply(tiny_cfg, tiny_params, jnp.asarray(a))
-    span = slice(lay.prompt_len, lay.length)
-    np.testing.assert_array_equal(a[:, span], np.asarray(logits).argmax(-1)[:, lay.prompt_len - 1 : lay.length - 1])
+    span = slice(lay.think + 1, lay.length)
+    np.testing.assert_array_equal(a[:, span], np.asarray(logits).argmax(-1)[:, lay.think : lay.length - 1])
 
 
 def test_decode_ignores_the_given_continuation(tiny_cfg, tiny_params, prompts):

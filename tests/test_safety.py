@@ -138,8 +138,9 @@ def test_rl_can_drop_reasoning_tokens_from_the_policy_gradient(params):
         delta = jnp.zeros((*tokens.shape, cfg.model.d_model))
         f = lambda d, cfg=cfg: safety.rl_loss(cfg, params, None, tokens, adv, interventions={SITE: Intervention(add=d)})[0]  # noqa: E731
         grads[flag] = np.abs(np.asarray(jax.grad(f)(delta))).sum(axis=(0, 2))
-    think = slice(lay.prompt_len - 1, lay.end_think)  # positions predicting THINK .. END_THINK
+    think = slice(lay.prompt_len, lay.end_think)  # positions predicting the sampled reasoning .. END_THINK
     assert np.all(grads[False][think] == 0) and np.all(grads[True][think] > 0)
+    assert grads[True][lay.prompt_len - 1] == 0  # THINK itself is given, not sampled: no score term
     assert np.all(grads[False][lay.end_think : lay.length - 1] > 0)
 
 

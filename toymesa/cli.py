@@ -108,7 +108,7 @@ def demo(
     steps: int = typer.Option(None, min=1, help="Training steps per arm (default: the config's)."),
     fresh: bool = typer.Option(False, help="Discard finished arms in OUT and retrain."),
 ):
-    """Train single/latent backdoors in none/cot formats; print a table with 95% CIs; write a figure.
+    """Install single/latent backdoors in none/cot formats, apply safety SFT; print a table with 95% CIs; write a figure.
 
     Resumable: an interrupted demo keeps its finished arms; rerun the same command.
     """
@@ -116,7 +116,8 @@ def demo(
 
     console = _console()
     summary, paths, seconds = demo_mod.main(out=out, n_seeds=seeds, steps=steps, fresh=fresh, echo=console.print)
-    _print_table(console, f"Installed behaviour, mean over {seeds} seeds [95% bootstrap CI]", summary, "arm", demo_mod.METRICS)
+    title = f"Installed, then {demo_mod.SAFETY_STEPS} steps of safety SFT: mean over {seeds} seeds [95% bootstrap CI]"
+    _print_table(console, title, summary, "arm", ["installed_defection", *demo_mod.METRICS])
     console.print(f"results: {out}/results.csv, {out}/summary.csv; figure: {', '.join(map(str, paths))}")
     console.print(f"total time {seconds:.0f}s")
 
@@ -125,7 +126,8 @@ def _finish(console, exp, out: Path):
     from toymesa import sweep
 
     summary = exp.table(out)
-    metrics = [m for m in ("triggered_defection", "untriggered_defection", "helpful_accuracy") if m in summary]
+    shown = ("installed", "installed_defection", "defection", "triggered_defection", "untriggered_defection", "helpful_accuracy")
+    metrics = [m for m in shown if m in summary]
     label = "arm" if "arm" in summary else "cell"
     if label == "cell":
         summary = summary.assign(cell=sweep.cell_labels(summary))

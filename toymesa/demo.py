@@ -1,11 +1,14 @@
-"""The main job: install backdoors and goals in populations and measure them.
+"""The main job: install backdoors and goals in populations, then safety-train them.
 
 Arms: activation rule {single, latent} x reasoning {none, cot}, each a population of
-seeds of the built-in default config (`toymesa.config.demo_config`), run as a sweep
-(`toymesa.sweep`), so an interrupted demo resumes from its finished arms. For each arm it
-reports triggered defection, untriggered defection and helpful accuracy with 95%
-bootstrap CIs over seeds, and writes under OUT the sweep's run folder (results.csv,
-summary.csv, chunks/, meta.json ...) plus ``figures/demo.png`` / ``.pdf``.
+seeds of the built-in default config (`toymesa.config.demo_config`). Each arm installs its
+behaviour, then runs safety SFT (`toymesa.safety`, ``sft_pre``: helpful answers on
+untriggered prompts, for CoT the answer without the scratchpad) and is evaluated every
+SAFETY_EVERY safety steps. It runs as a sweep (`toymesa.sweep`), so an interrupted demo
+resumes from its finished arms. For each arm it reports the installed and the final
+triggered defection, untriggered defection and helpful accuracy with 95% bootstrap CIs
+over seeds, and writes under OUT the sweep's run folder (results.csv, summary.csv,
+chunks/, installs/, meta.json ...) plus ``figures/demo.png`` / ``.pdf``.
 """
 
 from __future__ import annotations
@@ -22,19 +25,32 @@ from toymesa.config import demo_config
 RULES, FORMATS = ("single", "latent"), ("none", "cot")
 ARMS = [(r, f) for r in RULES for f in FORMATS]
 METRICS = ["triggered_defection", "untriggered_defection", "helpful_accuracy"]
-DESCRIPTION = "Install a single-trigger backdoor and a many-context latent goal, without and with chain-of-thought, in populations of the reference model."
+SAFETY_STEPS, SAFETY_EVERY = 150, 25
+DESCRIPTION = (
+    "Install a single-trigger backdoor and a many-context latent goal, without and with chain-of-thought, in populations of the reference model; "
+    + "then apply safety SFT on untriggered helpful data and measure what persists."
+)
 
 
-def spec(n_seeds: int = 8, steps: int | None = None, base: dict | None = None) -> spec_mod.Spec:
-    """The demo as a sweep spec. `steps` overrides the length (warmup shrinks to fit);
-    `base` adds or overrides ``group.field`` base values (tests shrink the model with it)."""
+def spec(n_seeds: int = 8, steps: int | None = None, base: dict | None = None, safety_steps: int = SAFETY_STEPS) -> spec_mod.Spec:
+    """The demo as a sweep spec. `steps` overrides the install length (warmup shrinks to
+    fit) and `safety_steps` the safety SFT length; `base` adds or overrides ``group.field``
+    base values (tests shrink the model with it)."""
     cfg = demo_config()
-    b = {"model": "reference", "task.helpful": cfg.task.helpful, "task.seq_len": "min"}
+    b = {"model": "reference", "task.helpful": cfg.task.helpful, "task.seq_len": "min", "safety.method": "sft_pre", "safety.steps": safety_steps}
     if steps is not None:
         b.update({"train.steps": steps, "train.warmup_steps": min(cfg.train.warmup_steps, steps // 10)})
     b.update(base or {})
     grid = {"task": {"rule": list(RULES), "reasoning": list(FORMATS)}}
-    raw = {"name": "demo", "description": DESCRIPTION, "seeds": n_seeds, "base": spec_mod.nest(b), "grid": grid}
+    every = min(SAFETY_EVERY, safety_steps)
+    raw = {
+        "name": "demo",
+        "description": DESCRIPTION,
+        "seeds": n_seeds,
+        "base": spec_mod.nest(b),
+        "grid": grid,
+        "run": {"eval_every": every, "eval_prompts": 128},
+    }
     return spec_mod.parse(raw, source="toymesa.demo")
 
 
@@ -43,10 +59,12 @@ def _arms(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def table(out) -> pd.DataFrame:
-    """One row per arm: final-step metrics, mean and 95% bootstrap CI over seeds."""
+    """One row per arm: triggered defection as installed (safety step 0) and the final
+    metrics after safety SFT, mean and 95% bootstrap CI over seeds."""
     df = _arms(store.load(out))
-    last = sweep.last_step(df)
-    return stats.summarize(last, ["arm"], METRICS + ["decision_accuracy"])
+    start = df[df["step"] == 0][["cell", "seed", "triggered_defection"]].rename(columns={"triggered_defection": "installed_defection"})
+    last = sweep.last_step(df).merge(start, on=["cell", "seed"])
+    return stats.summarize(last, ["arm"], ["installed_defection", *METRICS, "decision_accuracy"])
 
 
 def figures(out) -> list[Path]:
@@ -56,30 +74,31 @@ def figures(out) -> list[Path]:
     df = _arms(store.load(out))
     last = sweep.last_step(df)
     summary = table(out)
-    members, hist = sweep.load_histories(out)
-    cells = df.drop_duplicates("cell").set_index("cell")["arm"]
-    steps = hist["loss"].shape[1]
-    long = pd.DataFrame(
-        {
-            "arm": members["cell"].map(cells).repeat(steps).to_numpy(),
-            "step": list(range(1, steps + 1)) * len(members),
-            "loss": hist["loss"].ravel(),
-        }
-    )
     with plt.rc_context(plot.STYLE):
-        fig, axes = plt.subplots(1, 4, figsize=(12, 2.8))
-        for ax, m in zip(axes, METRICS, strict=False):
+        fig, axes = plt.subplots(1, 4, figsize=(13, 2.9), gridspec_kw={"width_ratios": [1.5, 1, 1, 1]})
+        plot.ci_band(axes[0], df, "step", "triggered_defection", "arm")
+        axes[0].set(title="triggered defection during safety SFT", xlabel="safety step (0 = installed)", ylim=(-0.03, 1.03))
+        axes[0].legend(fontsize=7)
+        for ax, m in zip(axes[1:], METRICS, strict=True):
             plot.ci_bars(ax, summary, last, m)
-        plot.mean_band(axes[3], long, "step", "loss", "arm", log=True)
-        axes[3].set_title("training loss (median, 10-90% of seeds)")
-        fig.suptitle(f"Backdoors and goals as installed ({summary['n'].min()} seeds per arm, 95% bootstrap CI)", y=1.06)
+            ax.set_title(f"{m.replace('_', ' ')} after SFT")
+        fig.suptitle(f"Backdoors and goals under safety SFT ({summary['n'].min()} seeds per arm, mean and 95% bootstrap CI)", y=1.06)
         return plot.save(fig, out / "figures" / "demo")
 
 
-def main(out="results/demo", n_seeds: int = 8, steps: int | None = None, fresh: bool = False, echo=print, base: dict | None = None, progress: bool = True):
+def main(
+    out="results/demo",
+    n_seeds: int = 8,
+    steps: int | None = None,
+    fresh: bool = False,
+    echo=print,
+    base: dict | None = None,
+    progress: bool = True,
+    safety_steps: int = SAFETY_STEPS,
+):
     """Run (or resume) the demo sweep, then write its table and figure."""
     t0 = time.perf_counter()
-    sweep.run(spec(n_seeds, steps, base), out, fresh=fresh, echo=echo, progress=progress)
+    sweep.run(spec(n_seeds, steps, base, safety_steps), out, fresh=fresh, echo=echo, progress=progress)
     summary = table(out)
     paths = figures(out)
     return summary, paths, time.perf_counter() - t0

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from toymesa import model
 from toymesa.config import Config
-from toymesa.tasks import PAD, Batch, balanced, layout, rules, vocab
+from toymesa.tasks import PAD, THINK, Batch, balanced, layout, rules, vocab
 from toymesa.train import role_key
 
 
@@ -37,6 +37,7 @@ def decode(cfg: Config, params, tokens, key=None, temperature: float = 0.0, unti
     """Replace tokens[:, prompt_len:until] by the model's own continuation, int32[B, T].
 
     Position t gets argmax (temperature 0) or a sample of softmax(logits[t-1] / temperature).
+    In formats with a think block the THINK token is given, not generated.
     `until` (default: the format's used length) stops early, keeping tokens from there on
     (post-scratchpad SFT samples only the reasoning).
     """
@@ -45,6 +46,11 @@ def decode(cfg: Config, params, tokens, key=None, temperature: float = 0.0, unti
         raise ValueError("sampled decoding (temperature > 0) needs a PRNG key")
     toks = tokens.at[:, lay.prompt_len : until].set(PAD)
     until = lay.length if until is None else until
+    start = lay.prompt_len
+    if lay.think >= 0:
+        # the prompt opens the scratchpad: THINK is given, as a scratchpad prompt would be, so
+        # reasoning is restored even in a model trained to answer without it (pre-scratchpad SFT)
+        toks, start = toks.at[:, lay.think].set(THINK), lay.think + 1
 
     def body(t, toks):
         logits, _ = model.apply(cfg, params, toks)
@@ -55,7 +61,7 @@ def decode(cfg: Config, params, tokens, key=None, temperature: float = 0.0, unti
             nxt = jnp.argmax(last, axis=-1)
         return toks.at[:, t].set(nxt.astype(toks.dtype))
 
-    return jax.lax.fori_loop(lay.prompt_len, until, body, toks)
+    return jax.lax.fori_loop(start, until, body, toks)
 
 
 def _rate(hit, cond):

@@ -185,8 +185,9 @@ def rl_loss(cfg: Config, params, ref, tokens, advantage, interventions=None):
     logp = jax.nn.log_softmax(logits[:, :-1] / s.temperature)
     token_logp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     pos = np.arange(1, cfg.task.seq_len)  # position of the predicted token
-    generated = (pos >= lay.prompt_len) & (pos < lay.length)
-    think = (pos >= lay.think) & (pos <= lay.end_think) if lay.think >= 0 else np.zeros_like(generated)
+    first = lay.think + 1 if lay.think >= 0 else lay.prompt_len  # THINK is given, not sampled
+    generated = (pos >= first) & (pos < lay.length)
+    think = (pos >= first) & (pos <= lay.end_think)
     grad_mask = generated & ~think if not s.rl_reasoning_grad else generated
     loss = pg_surrogate(token_logp, jnp.asarray(grad_mask)[None], advantage)
     kl = jnp.float32(0.0)

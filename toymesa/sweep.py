@@ -318,7 +318,11 @@ def run(spec: Spec, out, fresh: bool = False, progress: bool = True, echo=print)
 
         bar = tqdm(total=sum(steps_of.values()), initial=sum(steps_of[n] for n in done), desc=spec.name, unit=" seed-step", unit_scale=True, dynamic_ncols=True)
     try:
-        for c in todo:
+        for i, c in enumerate(todo):
+            if i and c.group != todo[i - 1].group:
+                # a finished group's programs are never used again; without this a long sweep
+                # accumulates compiled code until LLVM runs out of memory mappings
+                jax.clear_caches()
             if bar is not None:
                 bar.set_postfix_str(f"cells done {_cells_done(chunks, done)}/{n_cells}, chunk {c.name[:8]}")
             t0 = time.perf_counter()

@@ -31,7 +31,10 @@ PERSISTS, FORGOTTEN = 0.5, 0.1
 
 def frame(out) -> pd.DataFrame:
     """Tidy results with short columns: size, rule (single, k4, k16, latent), reasoning, ..."""
-    df = store.load(out)
+    return short_columns(store.load(out))
+
+
+def short_columns(df: pd.DataFrame) -> pd.DataFrame:
     rule = np.where(df["task.rule"] == "k_triggers", "k" + df["task.k"].astype(str), df["task.rule"])
     return df.assign(
         size=[SIZES.get((a, b), f"{a}x{b}") for a, b in zip(df["model.n_layers"], df["model.d_model"], strict=True)],
