@@ -34,7 +34,8 @@ from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 
-from toymesa import model, train
+from toymesa import model, safety, train
+from toymesa.config import Config, HParams, SafetyConfig
 from toymesa.tasks import PAD, layout, sample, vocab
 from toymesa.tasks.rules import active_triggers
 
@@ -185,8 +186,9 @@ def test_old_adam_moments_keep_moving_absent_row(step_cfg, fresh):
 
 
 SGD_LR, SGD_WD, SGD_MU = 0.1, 0.5, 0.9
-# the SGD option of safety training: clip, decay added to the gradient, then heavy-ball momentum
-sgd = optax.chain(optax.clip_by_global_norm(1.0), optax.add_decayed_weights(SGD_WD, mask=train._decay_mask), optax.sgd(SGD_LR, momentum=SGD_MU))
+# the SGD option of safety training (toymesa.safety.optimizer): clip, decay added to the
+# gradient, then heavy-ball momentum 0.9
+sgd = safety.optimizer(Config(safety=SafetyConfig(optimizer="sgd")), HParams(safety_lr=SGD_LR, weight_decay=SGD_WD))
 
 
 @jax.jit

@@ -68,11 +68,14 @@ def ci_band(ax, df: pd.DataFrame, x: str, y: str, group: str, colors=None):
     """Mean of `y` over seeds against `x` per group, with a 95% bootstrap CI band."""
     from toymesa import stats
 
-    for i, (name, g) in enumerate(df.groupby(group, sort=False)):
+    groups = list(df.groupby(group, sort=False))
+    palette = COLORS if len(groups) <= len(COLORS) else [plt.cm.tab10(i % 10) for i in range(len(groups))]
+    for i, (name, g) in enumerate(groups):
         rows = [(xv, *stats.bootstrap_ci(gx[y].to_numpy(), n_resamples=1000)) for xv, gx in g.groupby(x)]
         xs, mean, lo, hi = (np.asarray(c, float) for c in zip(*rows, strict=True))
-        c = (colors or {}).get(name, COLORS[i % len(COLORS)])
-        ax.plot(xs, mean, color=c, lw=1.2, label=name, marker="o", ms=2)
+        c = (colors or {}).get(name, palette[i])
+        style = "--" if i >= 10 else "-"
+        ax.plot(xs, mean, style, color=c, lw=1.2, label=name, marker="o", ms=2)
         ax.fill_between(xs, lo, hi, color=c, alpha=0.18, lw=0)
     ax.set_xlabel(x)
     ax.set_ylabel(y.replace("_", " "))
