@@ -43,7 +43,7 @@ def test_demo_end_to_end(demo_out):
     assert sorted(results["step"].unique()) == [0, SAFETY_STEPS] and (results["train.steps"] == STEPS).all()
     assert (results["safety.method"] == "sft_pre").all() and (results["safety.steps"] == SAFETY_STEPS).all()
     assert len(list((demo_out / "installs").glob("*.npz"))) == len(demo.ARMS) * N_SEEDS
-    for _, g in results.groupby("cell"):
+    for _, g in results.groupby(["cell", "step"]):
         assert sorted(g["seed"]) == list(range(N_SEEDS))
     for m in demo.METRICS:
         assert results[m].between(0, 1).all(), m

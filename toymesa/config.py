@@ -363,7 +363,8 @@ def latent_goal(**kw) -> TaskConfig:
 
 
 def demo_config(rule: Rule = "single", reasoning: Reasoning = "none") -> Config:
-    """The built-in default of `toymesa demo`: reference model, one rule and format.
+    """The built-in default of `toymesa demo`: reference model, one rule and format, then
+    150 steps of pre-scratchpad safety SFT.
 
     The sequence length is the format's minimum, so no compute is spent on padding. The
     helpful task is copy-the-k-th: with `sum_mod` (sum of 2 values mod 5) the reference
@@ -371,4 +372,5 @@ def demo_config(rule: Rule = "single", reasoning: Reasoning = "none") -> Config:
     1000 steps, measured with 8-16 seeds), too slow and unreliable for a 4-minute demo.
     """
     task = TaskConfig(rule=rule, reasoning=reasoning, helpful="copy_kth")
-    return Config(model=reference(), task=dataclasses.replace(task, seq_len=task.min_seq_len))
+    safety = SafetyConfig(method="sft_pre", steps=150)
+    return Config(model=reference(), task=dataclasses.replace(task, seq_len=task.min_seq_len), safety=safety)

@@ -25,7 +25,7 @@ from toymesa.config import demo_config
 RULES, FORMATS = ("single", "latent"), ("none", "cot")
 ARMS = [(r, f) for r in RULES for f in FORMATS]
 METRICS = ["triggered_defection", "untriggered_defection", "helpful_accuracy"]
-SAFETY_STEPS, SAFETY_EVERY = 150, 25
+SAFETY_STEPS, SAFETY_EVERY = demo_config().safety.steps, 25
 DESCRIPTION = (
     "Install a single-trigger backdoor and a many-context latent goal, without and with chain-of-thought, in populations of the reference model; "
     + "then apply safety SFT on untriggered helpful data and measure what persists."
@@ -37,7 +37,7 @@ def spec(n_seeds: int = 8, steps: int | None = None, base: dict | None = None, s
     fit) and `safety_steps` the safety SFT length; `base` adds or overrides ``group.field``
     base values (tests shrink the model with it)."""
     cfg = demo_config()
-    b = {"model": "reference", "task.helpful": cfg.task.helpful, "task.seq_len": "min", "safety.method": "sft_pre", "safety.steps": safety_steps}
+    b = {"model": "reference", "task.helpful": cfg.task.helpful, "task.seq_len": "min", "safety.method": cfg.safety.method, "safety.steps": safety_steps}
     if steps is not None:
         b.update({"train.steps": steps, "train.warmup_steps": min(cfg.train.warmup_steps, steps // 10)})
     b.update(base or {})
