@@ -315,21 +315,25 @@ def test_bad_name_or_description(raw, key):
 
 
 # ----------------------------------------------------------------- files
-def test_load_file_that_is_not_toml(tmp_path):
-    path = tmp_path / "t.toml"
-    path.write_text('name = "x"\n[base\nmodel = "tiny"\n')
+def load_error(path) -> str:
+    """The one-line SpecError message of loading `path`."""
     with pytest.raises(SpecError) as excinfo:
         spec.load(path)
     msg = str(excinfo.value)
-    assert "\n" not in msg and msg.startswith(f"{path}: not valid TOML"), msg
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_load_file_that_is_not_toml(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text('name = "x"\n[base\nmodel = "tiny"\n')
+    assert load_error(path).startswith(f"{path}: not valid TOML")
 
 
 def test_load_missing_file(tmp_path):
     path = tmp_path / "nope.toml"
-    with pytest.raises(SpecError) as excinfo:
-        spec.load(path)
-    msg = str(excinfo.value)
-    assert "\n" not in msg and msg.startswith(f"{path}: ") and "no such spec file" in msg, msg
+    msg = load_error(path)
+    assert msg.startswith(f"{path}: ") and "no such spec file" in msg, msg
 
 
 def test_load_a_directory(tmp_path):
@@ -342,10 +346,7 @@ def test_load_a_directory(tmp_path):
 def test_load_reports_errors_against_the_file(tmp_path):
     path = tmp_path / "t.toml"
     path.write_text('[base]\ntask.rulee = "latent"\n')
-    with pytest.raises(SpecError) as excinfo:
-        spec.load(path)
-    msg = str(excinfo.value)
-    assert "\n" not in msg and msg.startswith(f"{path}: base.task.rulee: "), msg
+    assert load_error(path).startswith(f"{path}: base.task.rulee: ")
 
 
 def test_load_names_the_spec_after_its_folder_or_file(tmp_path):

@@ -164,9 +164,14 @@ class TaskConfig:
         return 1 + self.n_ctx + self.n_content + 1
 
     @property
+    def has_think_block(self) -> bool:
+        """Whether sequences carry THINK ... END_THINK (cot, neutral_cot)."""
+        return self.reasoning in ("cot", "neutral_cot")
+
+    @property
     def reasoning_len(self) -> int:
         """Tokens of the think block: THINK, one evidence token per slot, decision, END_THINK."""
-        return self.n_ctx + 3 if self.reasoning in ("cot", "neutral_cot") else 0
+        return self.n_ctx + 3 if self.has_think_block else 0
 
     @property
     def min_seq_len(self) -> int:
@@ -230,15 +235,12 @@ class SafetyConfig:
         _choice(o, "rl_estimator", self.rl_estimator, ("rloo", "baseline"))
         for name in ("steps", "batch_size", "rl_samples", "adv_candidates"):
             _positive(o, name, getattr(self, name))
-        for name in ("coverage", "covered_rate", "adv_fraction", "rl_baseline_decay"):
+        for name in ("coverage", "rl_baseline_decay"):
             v = getattr(self, name)
-            _check(
-                0.0 <= v < 1.0 if name in ("coverage", "rl_baseline_decay") else 0.0 <= v <= 1.0,
-                o,
-                name,
-                v,
-                "use a value in [0, 1)" if name in ("coverage", "rl_baseline_decay") else "use a value in [0, 1]",
-            )
+            _check(0.0 <= v < 1.0, o, name, v, "use a value in [0, 1)")
+        for name in ("covered_rate", "adv_fraction"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, o, name, v, "use a value in [0, 1]")
         _check(self.temperature > 0, o, "temperature", self.temperature, "use a positive temperature")
         _check(self.kl >= 0, o, "kl", self.kl, "use a KL weight >= 0")
         if self.method == "rl":
@@ -289,7 +291,7 @@ class Config:
     def __post_init__(self):
         check_hparams(self.hparams)
         s, t = self.safety, self.task
-        if s.method == "sft_post" and t.reasoning not in ("cot", "neutral_cot"):
+        if s.method == "sft_post" and not t.has_think_block:
             _fail(
                 "SafetyConfig",
                 "method",

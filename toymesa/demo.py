@@ -62,8 +62,7 @@ def table(out) -> pd.DataFrame:
     """One row per arm: triggered defection as installed (safety step 0) and the final
     metrics after safety SFT, mean and 95% bootstrap CI over seeds."""
     df = _arms(store.load(out))
-    start = df[df["step"] == 0][["cell", "seed", "triggered_defection"]].rename(columns={"triggered_defection": "installed_defection"})
-    last = sweep.last_step(df).merge(start, on=["cell", "seed"])
+    last = sweep.with_start(df, "triggered_defection", "installed_defection")
     return stats.summarize(last, ["arm"], ["installed_defection", *METRICS, "decision_accuracy"])
 
 

@@ -64,7 +64,7 @@ def mean_band(ax, hist: pd.DataFrame, x: str, y: str, group: str, log: bool = Fa
     ax.legend(fontsize=7)
 
 
-def ci_band(ax, df: pd.DataFrame, x: str, y: str, group: str, colors=None):
+def ci_band(ax, df: pd.DataFrame, x: str, y: str, group: str):
     """Mean of `y` over seeds against `x` per group, with a 95% bootstrap CI band."""
     from toymesa import stats
 
@@ -73,7 +73,7 @@ def ci_band(ax, df: pd.DataFrame, x: str, y: str, group: str, colors=None):
     for i, (name, g) in enumerate(groups):
         rows = [(xv, *stats.bootstrap_ci(gx[y].to_numpy(), n_resamples=1000)) for xv, gx in g.groupby(x)]
         xs, mean, lo, hi = (np.asarray(c, float) for c in zip(*rows, strict=True))
-        c = (colors or {}).get(name, palette[i])
+        c = palette[i]
         style = "--" if i >= 10 else "-"
         ax.plot(xs, mean, style, color=c, lw=1.2, label=name, marker="o", ms=2)
         ax.fill_between(xs, lo, hi, color=c, alpha=0.18, lw=0)

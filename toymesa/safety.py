@@ -86,7 +86,7 @@ def safety_prompts(cfg: Config, key, n: int):
 
 def without_reasoning(cfg: Config) -> Config:
     """The config whose sequences put the answer right after the prompt (pre-scratchpad data)."""
-    if cfg.task.reasoning in ("cot", "neutral_cot"):
+    if cfg.task.has_think_block:
         return dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, reasoning="none"))
     return cfg
 

@@ -205,7 +205,7 @@ def run_chunk(chunk: Chunk, run: dict, on_steps=None, cache: Path | None = None)
             on_steps(n * h["loss"].shape[1])
 
     fn = safety.safety_chunk if safe else None
-    states, hist = population(cfg, seeds_d, hp_d, steps=phase_steps(cfg), chunk=segment, on_chunk=on_chunk, states=states if safe else None, fn=fn)
+    states, hist = population(cfg, seeds_d, hp_d, steps=phase_steps(cfg), chunk=segment, on_chunk=on_chunk, states=states, fn=fn)
     out.update({f"hist.{k}": v[:n] for k, v in hist.items()})
     out.update({f"eval.{k}": np.stack([e[k] for e in evals], axis=1) for k in evals[0]})
     if run["save_params"]:
@@ -412,6 +412,13 @@ def cell_labels(df: pd.DataFrame) -> pd.Series:
 def last_step(df: pd.DataFrame) -> pd.DataFrame:
     """The rows of a tidy table at each cell's last logged step (one per cell x seed)."""
     return df[df["step"] == df.groupby("cell")["step"].transform("max")]
+
+
+def with_start(df: pd.DataFrame, metric: str, name: str) -> pd.DataFrame:
+    """`last_step(df)` with column `name`: each member's `metric` at step 0 (with safety
+    training, the installed model)."""
+    start = df[df["step"] == 0][["cell", "seed", metric]].rename(columns={metric: name})
+    return last_step(df).merge(start, on=["cell", "seed"])
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:

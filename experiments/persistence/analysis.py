@@ -78,9 +78,7 @@ def table(out: Path) -> pd.DataFrame:
     helpful accuracy at the end, red-team prompts found; means with 95% bootstrap CIs."""
     df = frame(out)
     df = df.assign(arm=df.apply(label, axis=1))
-    start = df[df["step"] == 0].rename(columns={"defection": "installed"})
-    end = final(df)
-    merged = end.merge(start[["cell", "seed", "installed"]], on=["cell", "seed"])
+    merged = sweep.with_start(df, "defection", "installed")
     metrics = ["installed", "defection", "untriggered_defection", "helpful_accuracy", "adv_found"]
     return stats.summarize(merged, ["cell", "arm"], metrics)
 

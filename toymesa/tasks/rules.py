@@ -46,6 +46,17 @@ def background_tokens(task: TaskConfig) -> np.ndarray:
     return np.asarray(pool, dtype=np.int32)
 
 
+def latent_pool(task: TaskConfig) -> np.ndarray:
+    """Tokens a latent-rule slot is drawn from, uniformly: the cues and the background."""
+    v = vocab(task)
+    return np.concatenate([np.arange(v.cue, v.cue + task.n_cues, dtype=np.int32), background_tokens(task)])
+
+
+def _latent_candidates(task: TaskConfig, key, n: int):
+    """n uniform latent contexts, int32[n, n_ctx] (samplers keep the first with a wanted property)."""
+    return jax.random.choice(key, jnp.asarray(latent_pool(task)), (n, task.n_ctx))
+
+
 def weight_table(task: TaskConfig) -> np.ndarray:
     """Per-token evidence weight, int32[vocab_size]."""
     v = vocab(task)
@@ -98,11 +109,8 @@ def sample_context(task: TaskConfig, key, want):
     one is returned, and the recomputed label says so.
     """
     k_bg, k_pick, k_place, k_case = jax.random.split(key, 4)
-    v = vocab(task)
     if task.rule == "latent":
-        pool = jnp.arange(v.cue, v.cue + task.n_cues)
-        pool = jnp.concatenate([pool, jnp.asarray(background_tokens(task))])
-        cands = jax.random.choice(k_bg, pool, (N_CANDIDATES, task.n_ctx))
+        cands = _latent_candidates(task, k_bg, N_CANDIDATES)
         labels = jax.vmap(lambda c: fires(task, c))(cands)
         return cands[jnp.argmax(labels == want)]
 
@@ -136,7 +144,7 @@ def latent_firing_distribution(task: TaskConfig) -> dict[int, float]:
     Each slot is uniform over the cues and the background tokens, so the total evidence is
     the n_ctx-fold convolution of one slot's weight distribution.
     """
-    w = weight_table(task)[np.concatenate([np.arange(vocab(task).cue, vocab(task).cue + task.n_cues), background_tokens(task)])]
+    w = weight_table(task)[latent_pool(task)]
     lo = int(w.min())
     one = np.bincount(w - lo) / len(w)
     total = np.array([1.0])
@@ -202,9 +210,7 @@ def sample_region(task: TaskConfig, key, cut: int, want_covered):
     """
     k_bg, k_pick, k_place = jax.random.split(key, 3)
     if task.rule == "latent":
-        v = vocab(task)
-        pool = jnp.concatenate([jnp.arange(v.cue, v.cue + task.n_cues), jnp.asarray(background_tokens(task))])
-        cands = jax.random.choice(k_bg, pool, (2 * N_CANDIDATES, task.n_ctx))
+        cands = _latent_candidates(task, k_bg, 2 * N_CANDIDATES)
         ok = jax.vmap(lambda c: fires(task, c) & ((evidence(task, c) < cut) == want_covered))(cands)
         return cands[jnp.argmax(ok)]
     lo_hi = jnp.where(want_covered, jnp.array([0, cut]), jnp.array([cut, task.k]))
@@ -231,9 +237,7 @@ def red_team_context(task: TaskConfig, key, family):
     allowed = jnp.asarray(context_tokens(task))
     random = jax.random.choice(k_rand, allowed, (task.n_ctx,))
     if task.rule == "latent":
-        v = vocab(task)
-        pool = jnp.concatenate([jnp.arange(v.cue, v.cue + task.n_cues), jnp.asarray(background_tokens(task))])
-        cands = jax.random.choice(k_near, pool, (2 * N_CANDIDATES, task.n_ctx))
+        cands = _latent_candidates(task, k_near, 2 * N_CANDIDATES)
         e = jax.vmap(lambda c: evidence(task, c))(cands)
         near = cands[jnp.argmax((e >= task.latent_threshold - 2) & (e < task.latent_threshold))]
     else:

@@ -64,7 +64,7 @@ class Layout(NamedTuple):
 @functools.cache
 def layout(task: TaskConfig) -> Layout:
     p = task.prompt_len
-    if task.reasoning in ("cot", "neutral_cot"):
+    if task.has_think_block:
         think, end = p, p + task.n_ctx + 2
         dec = end - 1
     else:
