@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from toymesa import cli, demo, store
+from toymesa import cli, demo, runs
 from toymesa.experiment import result_dirs
 
 N_SEEDS, STEPS, SAFETY_STEPS = 2, 2, 2
@@ -38,7 +38,7 @@ def demo_out(tmp_path_factory):
 
 
 def test_demo_end_to_end(demo_out):
-    results = store.load(demo_out)
+    results = runs.load(demo_out)
     assert len(results) == len(demo.ARMS) * N_SEEDS * 2  # logged safety steps: 0 (installed) and the last
     assert sorted(results["step"].unique()) == [0, SAFETY_STEPS] and (results["train.steps"] == STEPS).all()
     assert (results["safety.method"] == "sft_pre").all() and (results["safety.steps"] == SAFETY_STEPS).all()
@@ -67,7 +67,7 @@ def test_demo_resumes_and_recomputes_only_what_is_missing(demo_out, tmp_path):
         if p.is_file():
             (out / p.relative_to(demo_out)).parent.mkdir(parents=True, exist_ok=True)
             (out / p.relative_to(demo_out)).write_bytes(p.read_bytes())
-    results = store.load(out)
+    results = runs.load(out)
     messages = run(out)
     assert any("resuming" in m for m in messages) and len(log(out)) == len(demo.ARMS)  # nothing recomputed
 
@@ -78,7 +78,7 @@ def test_demo_resumes_and_recomputes_only_what_is_missing(demo_out, tmp_path):
     run(out)
     assert len(log(out)) == len(demo.ARMS) + 1 and json.loads(log(out)[-1])["chunk"].startswith("g03")
     # the recomputed arm is the same deterministic function of (config, seeds)
-    again = store.load(out)
+    again = runs.load(out)
     pd.testing.assert_frame_equal(again, results, check_exact=True)
 
 
@@ -134,6 +134,6 @@ def test_cli_list_and_unknown_experiment():
 def test_demo_with_the_real_config(tmp_path):
     steps = demo.spec().cells()[0].config.train.warmup_steps + 1  # the fewest steps the real config accepts
     demo.main(out=tmp_path, n_seeds=2, steps=steps, echo=lambda *_: None, progress=False, safety_steps=2)
-    results = store.load(tmp_path)
+    results = runs.load(tmp_path)
     assert len(results) == 16 and all(results[m].between(0, 1).all() for m in demo.METRICS)
     assert np.isfinite(results.loc[results["step"] > 0, "loss"]).all()

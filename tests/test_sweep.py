@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from toymesa import model, spec, store, sweep
+from toymesa import model, runs, spec, store, sweep
 from toymesa.tasks import sample_batch
 from toymesa.train import population
 
@@ -91,7 +91,7 @@ def test_eval_steps_and_segments():
 # ----------------------------------------------------------------- the run folder
 def test_run_folder_tidy_table_and_metadata(finished):
     s, out = finished
-    df = store.load(out)
+    df = runs.load(out)
     at = [0, 3, 6]
     assert len(df) == len(s.cells()) * len(s.seeds) * len(at)
     assert sorted(df["step"].unique()) == at
@@ -103,22 +103,22 @@ def test_run_folder_tidy_table_and_metadata(finished):
     assert meta["digest"] == s.digest and meta["versions"]["jax"] == jax.__version__ and meta["devices"]["n_devices"] >= 1
     assert "git_commit" in meta
     assert (out / "spec.toml").read_text() == s.text
-    summary = store.load(out / "summary.csv")
+    summary = runs.load(out / "summary.csv")
     assert len(summary) == len(s.cells()) and (summary["n"] == len(s.seeds)).all()
     assert not list(out.rglob("*.tmp"))
 
 
 def test_last_step_keeps_one_row_per_member_at_its_final_step(finished):
     _, out = finished
-    df = store.load(out)
-    last = sweep.last_step(df)
+    df = runs.load(out)
+    last = runs.last_step(df)
     assert len(last) == len(df.groupby(["cell", "seed"])) and (last["step"] == 6).all()
 
 
 def test_training_metric_is_the_window_mean_of_the_history(finished):
     _, out = finished
-    df = store.load(out)
-    members, hist = sweep.load_histories(out)
+    df = runs.load(out)
+    members, hist = runs.load_histories(out)
     for i, (cell, seed) in enumerate(zip(members["cell"], members["seed"], strict=True)):
         row = df[(df["cell"] == cell) & (df["seed"] == seed) & (df["step"] == 6)]
         np.testing.assert_allclose(row["loss"].item(), hist["loss"][i, 3:6].mean(), rtol=1e-6)
@@ -127,7 +127,7 @@ def test_training_metric_is_the_window_mean_of_the_history(finished):
 def test_stored_parameters_are_the_trained_member(finished):
     s, out = finished
     cell = s.cells()[1]
-    params, cfg = sweep.load_params(out, cell.index, seed=2)
+    params, cfg = runs.load_params(out, cell.index, seed=2)
     assert cfg == cell.config
     hp = type(cfg.hparams)(*(np.asarray([v], np.float32) for v in cfg.hparams))
     states, _ = population(cfg, [2], hp)
@@ -138,17 +138,17 @@ def test_stored_parameters_are_the_trained_member(finished):
     theirs, _ = model.apply(cfg, jax.tree.map(lambda x: x[0], states.params), tokens)
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
     with pytest.raises(KeyError, match="no finished member"):
-        sweep.load_params(out, cell.index, seed=99)
+        runs.load_params(out, cell.index, seed=99)
 
 
 def test_rerun_computes_nothing_and_changes_nothing(finished, tmp_path):
     s, out = finished
     before = log_names(out)
-    table = store.load(out)
+    table = runs.load(out)
     messages = []
     sweep.run(s, out, progress=False, echo=messages.append)
     assert log_names(out) == before and any("resuming" in m for m in messages)
-    pd.testing.assert_frame_equal(store.load(out), table)
+    pd.testing.assert_frame_equal(runs.load(out), table)
 
 
 def test_a_different_spec_refuses_the_folder(finished, tmp_path):
@@ -165,21 +165,21 @@ def test_partial_results_load(finished, tmp_path):
     for name in ("meta.json", "cells.csv"):
         (partial / name).write_bytes((out / name).read_bytes())
     (partial / "chunks").mkdir()
-    first = sweep.chunk_files(out)[0]
+    first = runs.chunk_files(out)[0]
     (partial / "chunks" / first.name).write_bytes(first.read_bytes())
-    df = store.load(partial)
-    assert 0 < len(df) < len(store.load(out))
+    df = runs.load(partial)
+    assert 0 < len(df) < len(runs.load(out))
 
 
 # ----------------------------------------------------------------- subprocesses
 def compare_runs(a: Path, b: Path, exact: bool):
-    da, db = store.load(a), store.load(b)
+    da, db = runs.load(a), runs.load(b)
     if exact:
         pd.testing.assert_frame_equal(da, db, check_exact=True)
     else:
         pd.testing.assert_frame_equal(da, db, check_exact=False, rtol=1e-5, atol=1e-6)
-    _, ha = sweep.load_histories(a)
-    _, hb = sweep.load_histories(b)
+    _, ha = runs.load_histories(a)
+    _, hb = runs.load_histories(b)
     for k in ha:
         (np.testing.assert_array_equal if exact else lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6))(ha[k], hb[k])
 
@@ -260,6 +260,52 @@ def test_a_hypothesis_edited_after_results_is_flagged(finished, tmp_path):
     assert experiment.for_results(out).verdicts(out)["registration"].tolist() == ["EDITED AFTER RESULTS"]
 
 
+def test_resuming_with_other_code_is_refused_not_mixed(finished, tmp_path, monkeypatch):
+    import shutil
+
+    s, out = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    names = [c.name for c in sweep.plan(s)]
+    monkeypatch.setattr(sweep.provenance, "code_digest", lambda: "0123456789ab")
+    assert not set(names) & {c.name for c in sweep.plan(s)}  # the code digest is in every chunk key
+    with pytest.raises(spec.SpecError, match=r"computed by other code .*0123456789ab.*--fresh"):
+        sweep.run(s, copy, progress=False, echo=lambda *_: None)
+    assert log_names(copy) == log_names(out)  # nothing was recomputed or mixed in
+
+
+def test_a_fresh_folder_records_results_seen_elsewhere(finished, tmp_path):
+    s, out = finished
+    again = sweep.run(s, tmp_path / "again", progress=False, echo=lambda *_: None, roots=(out.parent,))
+    record = store.load_json(again / "prereg.json")
+    assert record["results_existed"] is True and record["provenance"]["results_elsewhere"] == [str(out)]
+    assert record["provenance"]["spec_digest"] == s.digest and "git_commit" in record["provenance"]
+    assert store.load_json(again / "meta.json")["code_digest"] == sweep.provenance.code_digest()
+    assert sweep.results_of(s.digest, [tmp_path / "nowhere"]) == []
+
+
+def test_members_that_go_non_finite_are_flagged_and_excluded(tmp_path):
+    from typer.testing import CliRunner
+
+    from toymesa import cli
+
+    text = write_spec(tmp_path / "spec.toml").read_text().replace("hparams.lr = [1e-3, 3e-3]", "hparams.lr = [1e-3, 1e30]")
+    text += '\n[[hypotheses]]\nid = "H1"\nstatement = "s"\nprediction = "p"\nrule = { confirm = "low > 0", refute = "high < 0" }\n'
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    result = CliRunner().invoke(cli.app, ["sweep", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 3, result.output
+    assert "non-finite" in result.output and "WARNING" in result.output
+    df = runs.load(tmp_path / "out")
+    blown = df["hparams.lr"] > 1
+    assert df.loc[blown & (df["step"] > 0), "nonfinite"].all() and not df.loc[~blown, "nonfinite"].any()
+    # a broken model's metrics are missing, never 0% defection
+    assert df.loc[blown & (df["step"] > 0), ["triggered_defection", "helpful_accuracy", "loss"]].isna().all().all()
+    summary = runs.load(tmp_path / "out" / "summary.csv").set_index("axis:hparams.lr")
+    assert summary.loc[1e30, "nonfinite"] == 3 and summary.loc[1e30, "n"] == 0 and np.isnan(summary.loc[1e30, "triggered_defection"])
+    assert summary.loc[1e-3, "nonfinite"] == 0 and summary.loc[1e-3, "n"] == 3
+
+
 # ----------------------------------------------------------------- safety phase
 SAFETY = """
 [base.safety]
@@ -280,14 +326,14 @@ def test_safety_cells_share_installs_and_start_from_the_installed_model(finished
     s = spec.parse(__import__("tomllib").loads(text), text=text)
     out = sweep.run(s, tmp_path / "safe", progress=False, echo=lambda *_: None)
     assert len(list((out / "installs").glob("*.npz"))) == len(s.seeds)  # two cells, one install per seed
-    df = store.load(out)
+    df = runs.load(out)
     assert sorted(df["step"].unique()) == [0, 2, 4]  # safety steps
     # safety step 0 is the installed model: the same behaviour as the install-only sweep's end
     start = df[df["step"] == 0].sort_values(["cell", "seed"])
-    base = sweep.last_step(store.load(out0))
+    base = runs.last_step(runs.load(out0))
     base = base[base["hparams.lr"] == 1e-3].sort_values("seed")
     for _, g in start.groupby("cell"):
         np.testing.assert_allclose(g["triggered_defection"].to_numpy(), base["triggered_defection"].to_numpy(), atol=1e-6)
     # the two safety learning rates then diverge
-    end = sweep.last_step(df).pivot(index="seed", columns="hparams.safety_lr", values="loss")
+    end = runs.last_step(df).pivot(index="seed", columns="hparams.safety_lr", values="loss")
     assert not np.allclose(end[1e-4], end[1e-3])

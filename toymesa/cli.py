@@ -77,26 +77,32 @@ def _fmt(mean, lo, hi) -> str:
 
 def _print_table(console, title: str, summary, label: str, metrics: list[str]):
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=title)
     table.add_column(label, justify="left")
     for m in metrics:
         table.add_column(m.replace("_", " "), justify="right")
+    flagged = "nonfinite" in summary and summary["nonfinite"].fillna(0).gt(0).any()
+    if flagged:  # members excluded because their training went non-finite
+        table.add_column("non-finite", justify="right", style="bold red")
     for _, r in summary.iterrows():
-        table.add_row(str(r[label]), *(_fmt(r[m], r[f"{m}_lo"], r[f"{m}_hi"]) for m in metrics))
+        table.add_row(Text(str(r[label])), *(_fmt(r[m], r[f"{m}_lo"], r[f"{m}_hi"]) for m in metrics), *([str(int(r["nonfinite"]))] if flagged else []))
     console.print(table)
 
 
 def _print_verdicts(console, verdicts):
     from rich.table import Table
+    from rich.text import Text
 
     if verdicts.empty:
         return
     table = Table(title="Hypotheses")
-    for col in ("id", "prediction", "verdict", "evidence"):
+    cols = [c for c in ("id", "prediction", "rule", "verdict", "evidence") if c in verdicts]
+    for col in cols:
         table.add_column(col, overflow="fold")
     for _, r in verdicts.iterrows():
-        table.add_row(*(str(r[c]) for c in ("id", "prediction", "verdict", "evidence")))
+        table.add_row(*(Text(str(r[c])) for c in cols))  # Text: brackets in evidence are not markup
     console.print(table)
 
 
@@ -120,21 +126,49 @@ def demo(
     _print_table(console, title, summary, "arm", ["installed_defection", *demo_mod.METRICS])
     console.print(f"results: {out}/results.csv, {out}/summary.csv; figure: {', '.join(map(str, paths))}")
     console.print(f"total time {seconds:.0f}s")
+    if _nonfinite_warning(console, out):
+        raise typer.Exit(3)
+
+
+def _roots():
+    """Where earlier results of a spec may lie: the results folder and the experiments' own."""
+    from toymesa import experiment
+
+    return (RESULTS, experiment.EXPERIMENTS)
+
+
+def _nonfinite_warning(console, out: Path) -> bool:
+    """Say loudly which cells have members whose training went non-finite; True if any."""
+    from toymesa import runs
+
+    df = runs.load(out)
+    if "nonfinite" not in df or not df["nonfinite"].any():
+        return False
+    bad = runs.last_step(df)
+    bad = bad[bad["nonfinite"].astype(bool)]
+    cells = bad.assign(label=runs.cell_labels(bad)).groupby(["cell", "label"]).size()
+    console.print(f"[bold red]WARNING: {len(bad)} member(s) went non-finite (NaN/inf loss, gradients or parameters) in {len(cells)} cell(s):[/]")
+    for (cell, label), k in cells.items():
+        console.print(f"[red]  cell {cell} ({label}): {k} member(s)[/]", markup=True)
+    console.print("[red]They are excluded from every mean, CI and verdict (counted in the 'non-finite' column). Exit status 3.[/]")
+    return True
 
 
 def _finish(console, exp, out: Path):
-    from toymesa import sweep
+    from toymesa import runs
 
     summary = exp.table(out)
     shown = ("installed", "installed_defection", "defection", "triggered_defection", "untriggered_defection", "helpful_accuracy")
     metrics = [m for m in shown if m in summary]
     label = "arm" if "arm" in summary else "cell"
     if label == "cell":
-        summary = summary.assign(cell=sweep.cell_labels(summary))
+        summary = summary.assign(cell=runs.cell_labels(summary))
     _print_table(console, f"{exp.name}: final behaviour, mean over seeds [95% bootstrap CI]", summary, label, metrics)
     _print_verdicts(console, exp.verdicts(out))
     paths = exp.figures(out)
-    console.print(f"results: {out}/results.csv (load with toymesa.store.load); figures: {', '.join(str(p) for p in paths if p.suffix == '.png')}")
+    console.print(f"results: {out}/results.csv (load with toymesa.runs.load); figures: {', '.join(str(p) for p in paths if p.suffix == '.png')}")
+    if _nonfinite_warning(console, out):
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -154,7 +188,7 @@ def run(
         raise ValueError("the demo has its own command: `toymesa demo`")
     out = RESULTS / name if out is None else out
     console = _console()
-    sweep.run(exp.spec(), out, fresh=fresh, echo=console.print)
+    sweep.run(exp.spec(), out, fresh=fresh, echo=console.print, analysis=exp.analysis_path, roots=_roots())
     _finish(console, exp, out)
 
 
@@ -170,7 +204,7 @@ def sweep_cmd(
     """Run any sweep spec: cells grouped by shape, populations sharded over all devices.
 
     Each finished chunk is saved at once; rerunning the same command resumes. Results load
-    with `toymesa.store.load(OUT)`: one row per cell x seed x logged step.
+    with `toymesa.runs.load(OUT)`: one row per cell x seed x logged step.
     """
     from toymesa import experiment, sweep
     from toymesa import spec as spec_mod
@@ -186,7 +220,7 @@ def sweep_cmd(
             console.print(f"  cell {c.index} [{c.id}] {c.values}")
         return
     out = RESULTS / s.name if out is None else out
-    sweep.run(s, out, fresh=fresh, echo=console.print)
+    sweep.run(s, out, fresh=fresh, echo=console.print, roots=_roots())
     _finish(console, experiment.Experiment(s.name, spec, None), out)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from toymesa import plot, stats, store, sweep
+from toymesa import plot, runs, stats, sweep
 from toymesa import spec as spec_mod
 from toymesa.config import demo_config
 
@@ -61,8 +61,8 @@ def _arms(df: pd.DataFrame) -> pd.DataFrame:
 def table(out) -> pd.DataFrame:
     """One row per arm: triggered defection as installed (safety step 0) and the final
     metrics after safety SFT, mean and 95% bootstrap CI over seeds."""
-    df = _arms(store.load(out))
-    last = sweep.with_start(df, "triggered_defection", "installed_defection")
+    df = _arms(runs.load(out))
+    last = runs.with_start(df, "triggered_defection", "installed_defection")
     return stats.summarize(last, ["arm"], ["installed_defection", *METRICS, "decision_accuracy"])
 
 
@@ -70,8 +70,8 @@ def figures(out) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    df = _arms(store.load(out))
-    last = sweep.last_step(df)
+    df = _arms(runs.load(out))
+    last = runs.last_step(df)
     summary = table(out)
     with plt.rc_context(plot.STYLE):
         fig, axes = plt.subplots(1, 4, figsize=(13, 2.9), gridspec_kw={"width_ratios": [1.5, 1, 1, 1]})

@@ -22,8 +22,8 @@ from types import ModuleType
 
 import pandas as pd
 
+from toymesa import prereg, provenance
 from toymesa import spec as spec_mod
-from toymesa import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -53,16 +53,35 @@ class Experiment:
     def table(self, out) -> pd.DataFrame:
         return self._call("table", out, lambda o: pd.read_csv(o / "summary.csv"))
 
+    @property
+    def analysis_path(self) -> Path | None:
+        """The experiment's analysis file, if it has one."""
+        return Path(self.analysis.__file__) if self.analysis is not None and self.name != "demo" else None
+
     def verdicts(self, out) -> pd.DataFrame:
-        """One row per hypothesis; a verdict on a hypothesis edited or added after results
-        existed (see the run's prereg.json, `toymesa.stats.register`) says so."""
+        """One row per hypothesis, with its decision rule rendered from the rule's data
+        (`toymesa.prereg.render`). A verdict on a hypothesis edited or added after results
+        existed, or reached by analysis code that changed after results existed (see the run's
+        prereg.json, `toymesa.prereg.register`), says so."""
         df = self._call("verdicts", out, generic_verdicts)
+        if df.empty:
+            return df
+        if "rule" not in df:
+            rules = {h["id"]: prereg.render(h["rule"]) for h in json.loads((Path(out) / "meta.json").read_text())["hypotheses"] if "rule" in h}
+            df = df.assign(rule=[rules.get(i, "(no rule stated as data)") for i in df["id"]])
         record = Path(out) / "prereg.json"
-        if record.exists() and not df.empty:
-            status = df["id"].map(stats.registration_status(json.loads(record.read_text()))).fillna("not registered")
+        if record.exists():
+            rec = json.loads(record.read_text())
+            standing = prereg.registration_status(rec)
+            status = pd.Series([standing.get(i, "not registered") for i in df["id"]], index=df.index)
             df = df.assign(registration=status)
             flag = ~status.isin(["as registered", "amended before results"])
             df.loc[flag, "verdict"] = df.loc[flag, "verdict"] + " [" + status[flag] + "]"
+            path = self.analysis_path
+            analysis = prereg.analysis_status(rec, provenance.file_digest(path) if path else None)
+            df = df.assign(analysis=analysis)
+            if analysis == "ANALYSIS CHANGED AFTER RESULTS":
+                df["verdict"] = df["verdict"] + f" [{analysis}]"
         return df
 
 
@@ -112,11 +131,11 @@ def generic_figures(out: Path) -> list[Path]:
     """Behaviour vs step (median and 10-90% band over seeds) for every cell."""
     import matplotlib.pyplot as plt
 
-    from toymesa import plot, store, sweep
+    from toymesa import plot, runs
 
-    df = store.load(out)
-    metrics = [m for m in sweep.EVAL_METRICS if m in df and df[m].notna().any()]
-    df = df.assign(label=sweep.cell_labels(df))
+    df = runs.load(out)
+    metrics = [m for m in runs.EVAL_METRICS if m in df and df[m].notna().any()]
+    df = df.assign(label=runs.cell_labels(df))
     with plt.rc_context(plot.STYLE):
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 2.8), squeeze=False)
         for ax, m in zip(axes[0], metrics, strict=True):

@@ -45,17 +45,27 @@ def ci_bars(ax, summary: pd.DataFrame, raw: pd.DataFrame, metric: str, arm: str 
         vals = raw.loc[raw[arm] == name, metric].to_numpy()
         jitter = np.linspace(-0.2, 0.2, len(vals)) if len(vals) > 1 else np.zeros(1)
         ax.plot(i + jitter, vals, "o", ms=2.5, color="k", alpha=0.5)
-    ax.set_xticks(x, summary[arm], rotation=30, ha="right")
+    names = [f"{a} [{int(k)} NON-FINITE]" if k else str(a) for a, k in zip(summary[arm], summary.get("nonfinite", np.zeros(len(summary))), strict=True)]
+    ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylim(-0.03, 1.03)
     ax.set_title(metric.replace("_", " "))
 
 
+def label(name, g: pd.DataFrame) -> str:
+    """A legend label that says how many members of group `g` went non-finite (excluded)."""
+    if "nonfinite" not in g or not g["nonfinite"].astype(bool).any():
+        return str(name)
+    k = g.loc[g["nonfinite"].astype(bool), "seed"].nunique() if "seed" in g else int(g["nonfinite"].sum())
+    return f"{name} [{k} NON-FINITE, excluded]"
+
+
 def mean_band(ax, hist: pd.DataFrame, x: str, y: str, group: str, log: bool = False):
-    """Median of `y` over seeds against `x` per group, with a 10-90% band across seeds."""
+    """Median of `y` over seeds against `x` per group, with a 10-90% band across seeds
+    (non-finite members excluded and counted in the legend)."""
     for i, (name, g) in enumerate(hist.groupby(group, sort=False)):
         q = g.groupby(x)[y].quantile([0.1, 0.5, 0.9]).unstack()
         c = COLORS[i % len(COLORS)]
-        ax.plot(q.index, q[0.5], color=c, lw=1.2, label=name)
+        ax.plot(q.index, q[0.5], color=c, lw=1.2, label=label(name, g))
         ax.fill_between(q.index, q[0.1], q[0.9], color=c, alpha=0.2, lw=0)
     if log:
         ax.set_yscale("log")
@@ -65,7 +75,8 @@ def mean_band(ax, hist: pd.DataFrame, x: str, y: str, group: str, log: bool = Fa
 
 
 def ci_band(ax, df: pd.DataFrame, x: str, y: str, group: str):
-    """Mean of `y` over seeds against `x` per group, with a 95% bootstrap CI band."""
+    """Mean of `y` over seeds against `x` per group, with a 95% bootstrap CI band (non-finite
+    members excluded and counted in the legend)."""
     from toymesa import stats
 
     groups = list(df.groupby(group, sort=False))
@@ -75,7 +86,7 @@ def ci_band(ax, df: pd.DataFrame, x: str, y: str, group: str):
         xs, mean, lo, hi = (np.asarray(c, float) for c in zip(*rows, strict=True))
         c = palette[i]
         style = "--" if i >= 10 else "-"
-        ax.plot(xs, mean, style, color=c, lw=1.2, label=name, marker="o", ms=2)
+        ax.plot(xs, mean, style, color=c, lw=1.2, label=label(name, g), marker="o", ms=2)
         ax.fill_between(xs, lo, hi, color=c, alpha=0.18, lw=0)
     ax.set_xlabel(x)
     ax.set_ylabel(y.replace("_", " "))

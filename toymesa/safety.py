@@ -41,7 +41,7 @@ from toymesa.config import Config, HParams
 from toymesa.evaluate import decode
 from toymesa.tasks import Batch, layout, rules
 from toymesa.tasks.world import contexts, from_prompts
-from toymesa.train import TrainState, _decay_mask, masked_loss, role_key
+from toymesa.train import TrainState, _decay_mask, masked_loss, role_key, step_metrics
 
 
 class SafetyState(NamedTuple):
@@ -236,7 +236,7 @@ def step(cfg: Config, state: SafetyState, hparams: HParams, seed):
         acc, mean_reward = aux["answer_acc"], jnp.float32(jnp.nan)
     updates, opt_state = optimizer(cfg, hparams).update(grads, ts.opt_state, ts.params)
     params = optax.apply_updates(ts.params, updates)
-    metrics = {"loss": loss, "answer_acc": acc, "grad_norm": optax.tree.norm(grads), "reward": mean_reward}
+    metrics = step_metrics(loss, grads, params, answer_acc=acc, reward=mean_reward)
     return state._replace(train=TrainState(params, opt_state, ts.step + 1), baseline=baseline), metrics
 
 

@@ -39,6 +39,7 @@ TOML dotted keys or nested tables; ``model = "tiny"`` picks a model size preset.
     id = "H1"
     statement = "A latent goal installs as reliably as a single trigger."
     prediction = "triggered_defection differs by < 0.05 between rules at the last step"
+    rule = { equivalence = 0.05 }  # optional: the decision rule as data (`toymesa.prereg`)
 
 Validation raises `SpecError` (a ValueError) with one line naming the key and the problem:
 unknown keys and fields, values of the wrong type, empty or duplicate axis values, axes
@@ -58,13 +59,14 @@ from pathlib import Path
 
 import numpy as np
 
+from toymesa import prereg
 from toymesa.config import MODEL_SIZES, Config, HParams
 
 GROUPS = ("model", "task", "train", "safety", "hparams")
 TOP_KEYS = {"name", "description", "seeds", "base", "grid", "arms", "random", "run", "hypotheses"}
 RUN_DEFAULTS = {"eval_every": None, "eval_prompts": 256, "chunk_members": 64, "save_params": True}
 DISTRIBUTIONS = ("uniform", "log_uniform", "choice")
-HYPOTHESIS_KEYS = {"id", "statement", "prediction", "metric", "test"}
+HYPOTHESIS_KEYS = {"id", "statement", "prediction", "metric", "test", "rule"}
 
 
 class SpecError(ValueError):
@@ -373,6 +375,11 @@ def _hypotheses(items, fail) -> tuple[dict, ...]:
                 fail(f"{where}.{key}", "is required and must be a non-empty string")
         if h["id"] in seen:
             fail(f"{where}.id", f"{h['id']!r} is used twice")
+        if "rule" in h:
+            try:
+                prereg.parse_rule(h["rule"])
+            except prereg.RuleError as e:
+                fail(where, str(e))
         seen.add(h["id"])
     return tuple(items)
 

@@ -1,39 +1,18 @@
-"""Statistics across a population of seeds, and the record that keeps predictions honest.
+"""Statistics across a population of seeds.
 
 Interval estimates (percentile bootstrap over seeds, via `scipy.stats.bootstrap`): `bootstrap_ci`
 of a mean (`summarize`: one per group), `difference_ci` of a difference of means, `hedges_g_ci` of
-a standardized effect. `verdict` turns an interval into the call on an ex-ante prediction.
-
-Preregistration: `register` keeps an append-only JSON record of a sweep's hypotheses
-(dicts with keys id, statement, prediction and optionally metric, test). Schema::
-
-    {"registered": time, "results_existed": bool,        # at the first call
-     "hypotheses": [version, ...],                       # as first registered; never rewritten
-     "amendments": [{"id": id, "kind": "edited" | "added" | "removed",
-                     "old": version | null, "new": version | null,
-                     "at": time, "results_existed": bool}, ...]}   # only ever appended
-
-A version is the hypothesis's fields plus "digest" (`hypothesis_digest`). The current version of
-an id is its registered one with its amendments replayed in order. `registration_status` says
-which hypotheses can still be judged as preregistered; `original` is the version to judge against.
+a standardized effect. Turning an interval into a verdict on a registered prediction is
+`toymesa.prereg`'s job.
 """
 
 from __future__ import annotations
-
-import hashlib
-import json
-from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from toymesa import store
-
 _NAN3 = (np.nan, np.nan, np.nan)
-# Spelled out, not taken from spec.py: adding a spec key must not change existing digests.
-HYPOTHESIS_FIELDS = ("id", "statement", "prediction", "metric", "test")
 
 
 def bootstrap_ci(values, confidence: float = 0.95, n_resamples: int = 4000, seed: int = 0) -> tuple[float, float, float]:
@@ -120,113 +99,18 @@ def hedges_g_ci(a, b, confidence: float = 0.95, n_resamples: int = 4000, seed: i
     return _percentile_ci((a, b), resampled_g, g, confidence, n_resamples, seed)
 
 
-def verdict(low: float, high: float, *, above: float | None = None, below: float | None = None) -> str:
-    """The call on a prediction "quantity > above" (or "< below") given its CI [low, high].
-
-    "confirmed" when low > above (high < below), "refuted" when high <= above (low >= below),
-    otherwise, or with a NaN bound, "inconclusive".
-    """
-    if (above is None) == (below is None):
-        raise ValueError("verdict needs exactly one threshold: verdict(low, high, above=t) for a prediction 'quantity > t', or below=t for 'quantity < t'")
-    if np.isnan(low) or np.isnan(high):
-        return "inconclusive"
-    if above is not None:
-        return "confirmed" if low > above else "refuted" if high <= above else "inconclusive"
-    return "confirmed" if high < below else "refuted" if low >= below else "inconclusive"
-
-
 def summarize(df: pd.DataFrame, by: list[str], metrics: list[str], confidence: float = 0.95) -> pd.DataFrame:
-    """One row per group of `by`: for each metric its mean, CI low and high, and n seeds."""
+    """One row per group of `by`: for each metric its mean, CI low and high, and n seeds.
+
+    With a bool column ``nonfinite`` in `df` (members whose training went non-finite; their
+    metrics are NaN), n counts the other members and column ``nonfinite`` the excluded ones.
+    """
     rows = []
     for key, g in df.groupby(by, sort=False, dropna=False):  # a cell without some axis has NaN there
         row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
-        row["n"] = len(g)
+        bad = g["nonfinite"].to_numpy(bool) if "nonfinite" in g else np.zeros(len(g), bool)
+        row["n"], row["nonfinite"] = int((~bad).sum()), int(bad.sum())
         for m in metrics:
-            row[m], row[f"{m}_lo"], row[f"{m}_hi"] = bootstrap_ci(g[m].to_numpy(), confidence)
+            row[m], row[f"{m}_lo"], row[f"{m}_hi"] = bootstrap_ci(np.where(bad, np.nan, g[m].to_numpy(float)), confidence)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-# ------------------------------------------------------------------ preregistration
-def hypothesis_digest(h: dict) -> str:
-    """First 12 hex digits of sha256 of the canonical JSON of h's id, statement, prediction, metric, test.
-
-    Keys h lacks are left out; text is taken verbatim, so any edit (whitespace included) changes it.
-    """
-    fields = {k: h[k] for k in HYPOTHESIS_FIELDS if k in h}
-    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _version(h: dict) -> dict:
-    return {k: h[k] for k in HYPOTHESIS_FIELDS if k in h} | {"digest": hypothesis_digest(h)}
-
-
-def _current(record: dict) -> dict[str, dict | None]:
-    """id -> its latest version (None once removed), replaying the amendments in order."""
-    latest = {v["id"]: v for v in record["hypotheses"]}
-    for a in record["amendments"]:
-        latest[a["id"]] = a["new"]
-    return latest
-
-
-def register(path, hypotheses, results_exist: bool, now: str | None = None) -> dict:
-    """Record `hypotheses` in the JSON file `path` (schema in the module docstring); returns the record.
-
-    The first call stores every hypothesis. Later calls append one amendment per hypothesis that
-    is new ("added"), whose digest differs from its current version ("edited"), or that is gone
-    ("removed"), stamped with `now` (default: UTC now) and `results_exist`. Earlier entries are
-    never changed. The file is replaced atomically, and only when something changed.
-    """
-    path, at = Path(path), now or datetime.now(UTC).isoformat(timespec="seconds")
-    versions = [_version(h) for h in hypotheses]
-    ids = [v["id"] for v in versions]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"hypothesis ids must be unique; repeated: {sorted({i for i in ids if ids.count(i) > 1})}")
-    if not path.exists():
-        record = {"registered": at, "results_existed": bool(results_exist), "hypotheses": versions, "amendments": []}
-        store.save_json(record, path)
-        return record
-    record = store.load_json(path)
-    latest = _current(record)
-    amend = lambda i, kind, old, new: {"id": i, "kind": kind, "old": old, "new": new, "at": at, "results_existed": bool(results_exist)}
-    new = [amend(v["id"], "added", None, v) for v in versions if latest.get(v["id"]) is None]
-    new += [amend(v["id"], "edited", latest[v["id"]], v) for v in versions if latest.get(v["id"]) and latest[v["id"]]["digest"] != v["digest"]]
-    new += [amend(i, "removed", old, None) for i, old in latest.items() if old is not None and i not in ids]
-    if new:
-        record["amendments"].extend(new)
-        store.save_json(record, path)
-    return record
-
-
-def registration_status(record: dict) -> dict[str, str]:
-    """id -> standing of every hypothesis the record has seen, first match wins.
-
-    Removed: "REMOVED AFTER RESULTS" or "removed before results" (by the removal). Present:
-    "REGISTERED AFTER RESULTS" (first call made when results existed), "ADDED AFTER RESULTS",
-    "EDITED AFTER RESULTS" (any amendment made when results existed), "amended before results",
-    "as registered" (never amended).
-    """
-    status = {}
-    for i, current in _current(record).items():
-        amendments = [a for a in record["amendments"] if a["id"] == i]
-        first_registered = any(v["id"] == i for v in record["hypotheses"])
-        if current is None:
-            status[i] = "REMOVED AFTER RESULTS" if amendments[-1]["results_existed"] else "removed before results"
-        elif first_registered and record["results_existed"]:
-            status[i] = "REGISTERED AFTER RESULTS"
-        elif not first_registered and amendments[0]["results_existed"]:
-            status[i] = "ADDED AFTER RESULTS"
-        elif any(a["results_existed"] for a in amendments):
-            status[i] = "EDITED AFTER RESULTS"
-        else:
-            status[i] = "amended before results" if amendments else "as registered"
-    return status
-
-
-def original(record: dict, id: str) -> dict:
-    """The first registered version of hypothesis `id`: what its verdict is judged against."""
-    versions = [v for v in record["hypotheses"] if v["id"] == id] + [a["new"] for a in record["amendments"] if a["id"] == id and a["kind"] == "added"]
-    if versions:
-        return versions[0]
-    raise KeyError(f"hypothesis {id!r} is not in the record; ids: {sorted(_current(record))}")

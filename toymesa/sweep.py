@@ -8,16 +8,20 @@ killed run loses at most the chunk in flight and rerunning resumes.
 
 Run folder::
 
-    spec.toml      the spec text, verbatim        meta.json   versions, git commit, devices, digest
+    spec.toml      the spec text, verbatim        meta.json   versions, git commit, devices, digests
     cells.csv      one row per cell (config)      log.jsonl   one line per chunk computed
+    prereg.json    the append-only preregistration record (`toymesa.prereg`)
     chunks/        g{group}-c{chunk}-{key}.npz: members, per-step histories, evaluations,
                    final parameters
     results.csv    tidy: one row per cell x seed x logged step (written when all chunks exist)
     summary.csv    one row per cell: final-step metrics, mean and 95% bootstrap CI over seeds
 
 A chunk's file name carries a hash of everything that determines its numbers (static
-config, members and their hparams, run settings, package version), so a changed spec never
-reuses stale chunks, and the same spec never recomputes finished ones.
+config, members and their hparams, run settings, the digest of the code that computes them:
+`toymesa.provenance.code_digest`), so a changed spec never reuses stale chunks, and the same
+spec never recomputes finished ones. A folder whose chunks were computed by other code is
+refused (pass ``fresh`` or another folder) instead of being resumed with a mix of old and new.
+The readers of a run folder are in `toymesa.runs`.
 """
 
 from __future__ import annotations
@@ -28,26 +32,19 @@ import hashlib
 import json
 import platform
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import jax
 import numpy as np
 import pandas as pd
 
-import toymesa
-from toymesa import devices, model, safety, stats, store
+from toymesa import devices, model, prereg, provenance, runs, safety, store
 from toymesa.config import Config, HParams, SafetyConfig, columns
 from toymesa.evaluate import evaluate_population
 from toymesa.spec import Cell, Spec, SpecError, groups
-from toymesa.train import init_population, population
-
-TRAIN_METRICS = ("loss", "answer_acc", "grad_norm", "reward")  # "reward": RL safety training only
-EVAL_METRICS = ("triggered_defection", "untriggered_defection", "helpful_accuracy", "decision_accuracy", "uncovered_defection", "covered_defection")
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "pandas")
+from toymesa.train import all_finite, init_population, population
 
 
 @dataclass(frozen=True)
@@ -65,7 +62,7 @@ class Chunk:
 
     @property
     def key(self) -> str:
-        key = (self.cfg, self.cells, self.seeds, self.hparams, self.size, self.run, toymesa.__version__)
+        key = (self.cfg, self.cells, self.seeds, self.hparams, self.size, self.run, provenance.code_digest())
         return hashlib.sha256(repr(key).encode()).hexdigest()[:12]
 
     @property
@@ -115,7 +112,7 @@ def install_config(cfg: Config) -> Config:
 
 
 def _member_key(cfg: Config, seed: int, hp: HParams) -> str:
-    key = (install_config(dataclasses.replace(cfg, hparams=hp)), int(seed), toymesa.__version__)
+    key = (install_config(dataclasses.replace(cfg, hparams=hp)), int(seed), provenance.code_digest())
     return hashlib.sha256(repr(key).encode()).hexdigest()[:16]
 
 
@@ -190,6 +187,7 @@ def run_chunk(chunk: Chunk, run: dict, on_steps=None, cache: Path | None = None)
     out = {"cell": np.asarray(chunk.cells), "seed": seeds[:n], "eval_step": np.asarray(at)}
     if safe:
         params = jax.device_put(installed(cfg, seeds.tolist(), hp_rows, cache, on_steps), seeds_d.sharding)
+        out["member.install_finite"] = devices.to_host(jax.vmap(all_finite)(params))[:n]
         states = safety.init_population(cfg, params, seeds_d)
         out["member.adv_found"] = devices.to_host(states.found.sum(axis=-1))[:n]
     else:
@@ -222,37 +220,35 @@ def _segment(every: int, most: int = 100, least: int = 20) -> int:
 
 
 # ----------------------------------------------------------------- the run folder
-def _git_commit() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version(), "toymesa": toymesa.__version__}
-    for p in PACKAGES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out[p] = None
-    return out
 
 
 def _cells_frame(cells: list[Cell]) -> pd.DataFrame:
     return pd.DataFrame([{"cell": c.index, "cell_id": c.id, **{f"axis:{k}": v for k, v in c.values.items()}, **columns(c.config)} for c in cells])
 
 
-def _prepare(spec: Spec, out: Path, fresh: bool) -> None:
+def results_of(digest: str, roots, exclude: Path | None = None) -> list[str]:
+    """Run folders under `roots` (searched recursively) that hold chunks of a spec with this
+    digest, other than `exclude`: results a registration must know had been seen."""
+    found = set()
+    for root in map(Path, roots):
+        for meta in root.rglob("meta.json") if root.is_dir() else ():
+            folder = meta.parent
+            if exclude is not None and folder.resolve() == Path(exclude).resolve():
+                continue
+            try:
+                same = json.loads(meta.read_text()).get("digest") == digest
+            except (OSError, ValueError):
+                continue
+            if same and runs.chunk_files(folder):
+                found.add(str(folder))
+    return sorted(found)
+
+
+def _prepare(spec: Spec, out: Path, fresh: bool, analysis: Path | None, roots) -> None:
     meta_path = out / "meta.json"
-    had_results = bool(chunk_files(out))  # before --fresh deletes them: the record must see them
+    had_results = bool(runs.chunk_files(out))  # before --fresh deletes them: the record must see them
     if fresh:
         for name in (
             "chunks",
@@ -276,35 +272,57 @@ def _prepare(spec: Spec, out: Path, fresh: bool) -> None:
                 f"{out} holds results of a different spec ({old.get('name')}, digest {old.get('digest')} != {spec.digest}); "
                 + "pass --fresh to discard them or choose another --out"
             )
+        code = provenance.code_digest()
+        if had_results and old.get("code_digest") != code:
+            raise SpecError(
+                f"{out} holds chunks computed by other code (code digest {old.get('code_digest') or 'not recorded'}, commit {old.get('git_commit')}); "
+                + f"the installed toymesa has code digest {code}. Resuming would mix the two: pass --fresh to recompute, or choose another --out"
+            )
     if not devices.is_writer():
         return
     out.mkdir(parents=True, exist_ok=True)
     if spec.text:
         store.save_text(spec.text, out / "spec.toml")
+    commit = provenance.git_commit()
     meta = {
         "name": spec.name,
         "description": spec.description,
         "digest": spec.digest,
+        "code_digest": provenance.code_digest(),
         "seeds": list(spec.seeds),
         "hypotheses": list(spec.hypotheses),
         "run": spec.run,
         "created": json.loads(meta_path.read_text())["created"] if meta_path.exists() else _now(),
-        "git_commit": _git_commit(),
-        "versions": _versions(),
+        "git_commit": commit,
+        "versions": provenance.versions(),
         "devices": devices.describe(),
         "host": platform.node(),
     }
     store.save_json(meta, meta_path)
-    # append-only preregistration record (kept by --fresh): edits after results stay visible
-    stats.register(out / "prereg.json", spec.hypotheses, results_exist=had_results)
+    # append-only preregistration record (kept by --fresh): edits after results stay visible,
+    # and results of the same spec anywhere under the results roots count as seen
+    elsewhere = results_of(spec.digest, [out.parent, *roots], exclude=out)
+    prov = {
+        "git_commit": commit,
+        "spec_digest": spec.digest,
+        "spec_text_digest": hashlib.sha256(spec.text.encode()).hexdigest()[:12] if spec.text else None,
+        "analysis": str(analysis) if analysis else None,
+        "analysis_digest": provenance.file_digest(analysis) if analysis else None,
+        "results_elsewhere": elsewhere,
+    }
+    prereg.register(out / "prereg.json", spec.hypotheses, results_exist=had_results or bool(elsewhere), provenance=prov)
     store.save_frame(_cells_frame(spec.cells()), out / "cells.csv")
     store.save_json({c.index: dataclasses.asdict(c.config) | {"hparams": c.config.hparams._asdict()} for c in spec.cells()}, out / "configs.json")
 
 
-def run(spec: Spec, out, fresh: bool = False, progress: bool = True, echo=print) -> Path:
-    """Run (or resume) a sweep into folder `out`; returns `out`. Ctrl-C keeps finished chunks."""
+def run(spec: Spec, out, fresh: bool = False, progress: bool = True, echo=print, analysis: Path | None = None, roots=()) -> Path:
+    """Run (or resume) a sweep into folder `out`; returns `out`. Ctrl-C keeps finished chunks.
+
+    `analysis`: the experiment's analysis file, whose digest the preregistration record keeps;
+    `roots`: folders (besides `out`'s parent) searched for earlier results of the same spec.
+    """
     out = Path(out)
-    _prepare(spec, out, fresh)
+    _prepare(spec, out, fresh, analysis, roots)
     chunks = plan(spec)
     done = {c.name for c in chunks if (out / "chunks" / f"{c.name}.npz").exists()}
     todo = [c for c in chunks if c.name not in done]
@@ -348,124 +366,12 @@ def run(spec: Spec, out, fresh: bool = False, progress: bool = True, echo=print)
         if bar is not None:
             bar.close()
     if devices.is_writer():
-        df = tidy(out, spec)
+        df = runs.tidy(out, keep={f"{c.name}.npz" for c in chunks})
         store.save_frame(df, out / "results.csv")
-        store.save_frame(summarize(df), out / "summary.csv")
+        store.save_frame(runs.summarize(df), out / "summary.csv")
     return out
 
 
 def _cells_done(chunks: list[Chunk], done: set) -> int:
     pending = {cell for c in chunks if c.name not in done for cell in c.cells}
     return len({cell for c in chunks for cell in c.cells} - pending)
-
-
-# ----------------------------------------------------------------- reading back
-def chunk_files(out) -> list[Path]:
-    return sorted(Path(out, "chunks").glob("*.npz"))
-
-
-def tidy(out, spec: Spec | None = None) -> pd.DataFrame:
-    """One row per cell x seed x logged step, from the chunks in `out` (finished so far).
-
-    Logged steps are the evaluation steps. Training metrics at a logged step are the mean
-    over the steps since the previous one (NaN at step 0); evaluation metrics are the
-    behaviour measured at that step.
-    """
-    out = Path(out)
-    cells = pd.read_csv(out / "cells.csv")
-    keep = None
-    if spec is not None:  # only this spec's chunks (the folder may hold stale ones)
-        keep = {f"{c.name}.npz" for c in plan(spec)}
-    frames = []
-    for path in chunk_files(out):
-        if keep is not None and path.name not in keep:
-            continue
-        a = store.load_arrays(path)
-        at = a["eval_step"]
-        n = len(a["seed"])
-        rows = {"cell": np.repeat(a["cell"], len(at)), "seed": np.repeat(a["seed"], len(at)), "step": np.tile(at, n)}
-        for k in (k for k in TRAIN_METRICS if f"hist.{k}" in a):
-            h = a[f"hist.{k}"]
-            bounds = np.concatenate([[0], at])
-            means = [h[:, lo:hi].mean(axis=1) if hi > lo else np.full(n, np.nan) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-            rows[k] = np.stack(means, axis=1).ravel()
-        for k in a:
-            if k.startswith("eval."):
-                rows[k[5:]] = a[k].ravel()
-            elif k.startswith("member."):  # one number per member (e.g. red-team prompts found)
-                rows[k[7:]] = np.repeat(a[k], len(at))
-        frames.append(pd.DataFrame(rows))
-    if not frames:
-        return pd.DataFrame()
-    df = pd.concat(frames, ignore_index=True).sort_values(["cell", "seed", "step"], ignore_index=True)
-    return df.merge(cells, on="cell", how="left")
-
-
-def cell_labels(df: pd.DataFrame) -> pd.Series:
-    """A short label per row from its axis values ("arm, value, ..."; axes a cell lacks skipped)."""
-    axes = [c for c in df.columns if c.startswith("axis:")]
-    if not axes:
-        return pd.Series("base", index=df.index)
-    return df[axes].apply(lambda r: ", ".join(str(v) for v in r if pd.notna(v)), axis=1)
-
-
-def last_step(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of a tidy table at each cell's last logged step (one per cell x seed)."""
-    return df[df["step"] == df.groupby("cell")["step"].transform("max")]
-
-
-def with_start(df: pd.DataFrame, metric: str, name: str) -> pd.DataFrame:
-    """`last_step(df)` with column `name`: each member's `metric` at step 0 (with safety
-    training, the installed model)."""
-    start = df[df["step"] == 0][["cell", "seed", metric]].rename(columns={metric: name})
-    return last_step(df).merge(start, on=["cell", "seed"])
-
-
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Per cell at its last logged step: mean and 95% bootstrap CI over seeds of each metric."""
-    last = last_step(df)
-    metrics = [m for m in (*EVAL_METRICS, "loss") if m in last and last[m].notna().any()]
-    axes = [c for c in df.columns if c.startswith("axis:")]
-    return stats.summarize(last, ["cell", "cell_id", *axes] if axes else ["cell", "cell_id"], metrics)
-
-
-def load_histories(out) -> tuple[pd.DataFrame, dict]:
-    """Per-step training histories: (members frame with cell and seed, {metric: float[M, steps]}).
-
-    Groups with different step counts are padded with NaN to the longest.
-    """
-    members, hists = [], {}
-    for path in chunk_files(out):
-        a = store.load_arrays(path)
-        members.append(pd.DataFrame({"cell": a["cell"], "seed": a["seed"]}))
-        for k in TRAIN_METRICS:  # metrics a chunk lacks (reward without RL) are NaN
-            hists.setdefault(k, []).append(a[f"hist.{k}"] if f"hist.{k}" in a else np.full(a["hist.loss"].shape, np.nan))
-    if not members:
-        return pd.DataFrame(columns=["cell", "seed"]), {}
-    width = max(h.shape[1] for h in hists["loss"])
-    pad = {k: np.concatenate([np.pad(h, ((0, 0), (0, width - h.shape[1])), constant_values=np.nan) for h in v]) for k, v in hists.items()}
-    return pd.concat(members, ignore_index=True), pad
-
-
-def load_params(out, cell: int, seed: int):
-    """The final parameters (nnx.State) of one member of a finished sweep."""
-    out = Path(out)
-    cfg_row = json.loads((out / "configs.json").read_text())[str(cell)]
-    cfg = _config_from_dict(cfg_row)
-    for path in chunk_files(out):
-        a = store.load_arrays(path)
-        hit = np.flatnonzero((a["cell"] == cell) & (a["seed"] == seed))
-        if hit.size:
-            if "param.000" not in a:
-                raise FileNotFoundError(f"{out} was run with run.save_params = false")
-            shape = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-            leaves = [a[f"param.{i:03d}"][hit[0]] for i in range(len(jax.tree.leaves(shape)))]
-            return jax.tree.unflatten(jax.tree.structure(shape), leaves), cfg
-    raise KeyError(f"no finished member with cell={cell}, seed={seed} in {out}")
-
-
-def _config_from_dict(d: dict) -> Config:
-    from toymesa.config import ModelConfig, SafetyConfig, TaskConfig, TrainConfig
-
-    task = {k: tuple(v) if isinstance(v, list) else v for k, v in d["task"].items()}
-    return Config(ModelConfig(**d["model"]), TaskConfig(**task), TrainConfig(**d["train"]), HParams(**d["hparams"]), SafetyConfig(**d.get("safety", {})))

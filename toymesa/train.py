@@ -42,6 +42,18 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32[]
 
 
+def all_finite(tree) -> jax.Array:
+    """bool[]: every element of every leaf of `tree` is finite (no NaN, no inf)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def step_metrics(loss, grads, params, **aux) -> dict:
+    """The metrics every training step reports: loss, gradient norm, ``finite`` (loss, gradient
+    norm and the new parameters all finite: a member that fails it has broken down), and `aux`."""
+    grad_norm = optax.tree.norm(grads)
+    return {"loss": loss, "grad_norm": grad_norm, "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params), **aux}
+
+
 def _decay_mask(params):
     # decay matrices (embeddings, projections), not biases or LayerNorm scales
     return jax.tree.map(lambda x: x.ndim >= 2, params)
@@ -97,8 +109,7 @@ def train_step(cfg: Config, state: TrainState, batch: Batch, hparams: HParams):
     (loss, aux), grads = jax.value_and_grad(masked_loss, argnums=1, has_aux=True)(cfg, state.params, batch)
     updates, opt_state = optimizer(cfg.train, hparams).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-    return TrainState(params, opt_state, state.step + 1), metrics
+    return TrainState(params, opt_state, state.step + 1), step_metrics(loss, grads, params, **aux)
 
 
 def train_chunk(cfg: Config, state: TrainState, hparams: HParams, seed, n_steps: int):
