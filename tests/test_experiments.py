@@ -135,3 +135,33 @@ def test_persistence_rules_encode_the_registered_prediction_text():
         assert f"{t:g}" in text
         words = {"low >": ["CI low > ", "CI above ", "has CI below"], "high <": ["CI high < ", "CI below ", "has CI below"]}
         assert any(w in text for w in words[f"{r.confirm.bound} {r.confirm.op}"]), (h["id"], text)
+
+
+def _quickstart_frame(value):
+    """Every quickstart cell and seed at steps 0, 100, 200, 300 with triggered defection
+    value(rule, lr, step) plus a per-seed offset shared by all cells."""
+    s = spec.load(experiment.EXPERIMENTS / "quickstart")
+    offsets = np.linspace(-0.02, 0.02, len(s.seeds))
+    rows = [
+        {"cell": c.index, "seed": seed, "step": step, "triggered_defection": value(c.config.task.rule, c.config.hparams.lr, step) + off, **columns(c.config)}
+        for c in s.cells()
+        for seed, off in zip(s.seeds, offsets, strict=True)
+        for step in (0, 100, 200, 300)
+    ]
+    return s, pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (lambda rule, lr, step: 0.95 if rule == "single" or step == 300 else 0.5, {"H1": "confirmed", "H2": "confirmed"}),
+        (lambda rule, lr, step: 0.95 if rule == "latent" or step == 300 else 0.5, {"H1": "confirmed", "H2": "refuted"}),
+        (lambda rule, lr, step: 0.95 if lr > 2e-3 or rule == "single" else 0.5, {"H1": "confirmed", "H2": "inconclusive"}),
+        (lambda rule, lr, step: 0.5 if rule == "latent" and lr > 2e-3 else 0.95, {"H1": "refuted", "H2": "inconclusive"}),
+    ],
+)
+def test_quickstart_verdicts_on_constructed_data_are_the_known_ones(value, expected):
+    a = _module("quickstart")
+    s, df = _quickstart_frame(value)
+    v = prereg.verdict_table(s.hypotheses, a.parts(df)).set_index("id")["verdict"].to_dict()
+    assert v == expected

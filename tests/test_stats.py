@@ -1,7 +1,6 @@
 """Statistics checked against known answers: CI coverage at a known mean, effect sizes against
 their population values and closed forms (verdicts and the record: tests/test_prereg.py)."""
 
-
 import numpy as np
 import pytest
 from hypothesis import given
@@ -115,3 +114,12 @@ def test_hedges_g_ci_with_zero_sd_resamples_is_unbounded_not_nan():
     assert np.isfinite(g) and g < 0
     assert lo == -np.inf and -np.inf < hi < 0
     assert hi < 0  # the CI excludes 0 from below despite the infinite end
+
+
+def test_summarize_excludes_and_counts_non_finite_members():
+    import pandas as pd
+
+    df = pd.DataFrame({"g": ["a"] * 4 + ["b"] * 2, "m": [0.0, 1.0, 1.0, 0.5, 0.2, 0.4], "nonfinite": [False, False, True, True, False, False]})
+    s = stats.summarize(df, ["g"], ["m"]).set_index("g")
+    assert s.loc["a", "n"] == 2 and s.loc["a", "nonfinite"] == 2 and s.loc["a", "m"] == 0.5  # 1.0 and 0.5 excluded
+    assert s.loc["b", "n"] == 2 and s.loc["b", "nonfinite"] == 0 and s.loc["b", "m"] == pytest.approx(0.3)

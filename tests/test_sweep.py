@@ -260,6 +260,15 @@ def test_a_hypothesis_edited_after_results_is_flagged(finished, tmp_path):
     assert experiment.for_results(out).verdicts(out)["registration"].tolist() == ["EDITED AFTER RESULTS"]
 
 
+def test_a_member_stays_non_finite_from_its_first_broken_step():
+    ok = np.array([[True, True, True], [True, False, True], [True, True, True]])
+    a = {"hist.loss": np.zeros((3, 3)), "hist.finite": ok, "member.install_finite": np.array([True, True, False])}
+    expected = [[True, True, True, True], [True, True, False, False], [False, False, False, False]]
+    np.testing.assert_array_equal(runs.finite_steps(a), expected)
+    old = {"hist.loss": np.array([[1.0, np.nan, 1.0]]), "hist.grad_norm": np.ones((1, 3))}  # chunks without the flag
+    np.testing.assert_array_equal(runs.finite_steps(old), [[True, True, False, False]])
+
+
 def test_resuming_with_other_code_is_refused_not_mixed(finished, tmp_path, monkeypatch):
     import shutil
 

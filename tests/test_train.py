@@ -222,3 +222,18 @@ def test_train_step_traces_without_deprecation_warnings(tiny_cfg):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         jax.eval_shape(functools.partial(train.train_step, tiny_cfg), state, b, tiny_cfg.hparams)
+
+
+@pytest.mark.parametrize("where", ["loss", "grad", "param"])
+def test_step_metrics_flag_any_non_finite_value(tiny_params, where):
+    grads = jax.tree.map(jnp.zeros_like, tiny_params)
+    params = tiny_params
+    loss = jnp.float32(jnp.nan) if where == "loss" else jnp.float32(1.0)
+    if where == "grad":
+        grads = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf), grads)
+    if where == "param":  # one element of one leaf is enough
+        leaves, treedef = jax.tree.flatten(params)
+        leaves[-1] = leaves[-1].at[(0,) * leaves[-1].ndim].set(-jnp.inf)
+        params = jax.tree.unflatten(treedef, leaves)
+    assert not bool(train.step_metrics(loss, grads, params)["finite"])
+    assert bool(train.step_metrics(jnp.float32(1.0), jax.tree.map(jnp.zeros_like, tiny_params), tiny_params)["finite"])
