@@ -148,6 +148,12 @@ INVALID = [
     (TrainConfig, dict(b1=1.0), "b1", 1.0),
     (TrainConfig, dict(b2=-0.1), "b2", -0.1),
     (TrainConfig, dict(grad_clip=0.0), "grad_clip", 0.0),
+    # types (toymesa.checks; tests/test_config_fuzz.py fuzzes every kind)
+    (TaskConfig, dict(conjunction=(0, 1, 2)), "conjunction", (0, 1, 2)),
+    (TaskConfig, dict(trigger=1.0), "trigger", 1.0),
+    (ModelConfig, dict(layer_norm="no"), "layer_norm", "no"),
+    (C.SafetyConfig, dict(temperature=float("inf")), "temperature", float("inf")),
+    (C.SafetyConfig, dict(kl=-0.5), "kl", -0.5),
 ]
 
 

@@ -11,16 +11,23 @@ Two kinds of field live apart:
 Variants come from the named factories at the bottom (`reference`, `tiny`,
 `single_backdoor`, `latent_goal`, ...), built with `dataclasses.replace`.
 Every constructor validates itself and raises `ValueError` naming the field,
-the bad value and what would be valid.
+the bad value and what would be valid, on one line. Types are strict (`toymesa.checks`,
+driven by the annotations): bools only from bools, ints only from ints (2.0 is rejected,
+nothing is truncated), finite floats, Literal choices, tuples of the annotated items (a
+list is converted to a tuple), and each `Config` group an instance of its class.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import numpy as np
+
+from toymesa.checks import check_known, kind_of, strict
+from toymesa.checks import fail as _fail
 
 Rule = Literal["single", "k_triggers", "conjunction", "latent"]
 Reasoning = Literal["none", "cot", "distilled", "neutral_cot"]
@@ -37,23 +44,16 @@ METHODS = ("none", "sft_pre", "sft_post", "rl", "adversarial")
 EVIDENCE_MIN, EVIDENCE_MAX = -2, 3
 
 
-def _fail(owner: str, name: str, value, valid: str) -> None:
-    raise ValueError(f"{owner}.{name}={value!r} is invalid: {valid}.")
-
-
 def _check(ok: bool, owner: str, name: str, value, valid: str) -> None:
     if not ok:
         _fail(owner, name, value, valid)
-
-
-def _choice(owner: str, name: str, value, choices: tuple) -> None:
-    _check(value in choices, owner, name, value, f"choose one of {choices}")
 
 
 def _positive(owner: str, name: str, value: int) -> None:
     _check(isinstance(value, int) and value >= 1, owner, name, value, "use an integer >= 1")
 
 
+@strict
 @dataclass(frozen=True)
 class ModelConfig:
     """Decoder-only transformer shape (all static)."""
@@ -82,6 +82,7 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
 
+@strict
 @dataclass(frozen=True)
 class TaskConfig:
     """A token world: helpful computation, activation rule, defect and reasoning format.
@@ -110,13 +111,8 @@ class TaskConfig:
     seq_len: int = 20
 
     def __post_init__(self):
-        o = "TaskConfig"
-        _choice(o, "helpful", self.helpful, HELPFUL)
-        _choice(o, "rule", self.rule, RULES)
-        _choice(o, "defect", self.defect, DEFECTS)
-        _choice(o, "reasoning", self.reasoning, REASONING)
-        _choice(o, "trigger_position", self.trigger_position, ("random", "fixed"))
-        _check(isinstance(self.modulus, int) and self.modulus >= 2, o, "modulus", self.modulus, "use an integer >= 2")
+        o = "TaskConfig"  # types and Literal choices (`conjunction` a pair) are checked by @strict first
+        _check(self.modulus >= 2, o, "modulus", self.modulus, "use an integer >= 2")
         for name in ("n_content", "n_ctx", "n_trigger_tokens", "n_distractors", "seq_len"):
             _positive(o, name, getattr(self, name))
         nt = self.n_trigger_tokens
@@ -124,7 +120,6 @@ class TaskConfig:
         _check(0 <= self.trigger < nt, o, "trigger", self.trigger, f"the vocabulary has trigger tokens 0..{nt - 1}; raise n_trigger_tokens or pick one of them")
         _check(0 <= self.trigger_slot < self.n_ctx, o, "trigger_slot", self.trigger_slot, f"use a context slot 0..{self.n_ctx - 1}")
         _check(1 <= self.k <= nt, o, "k", self.k, f"k_triggers needs 1 <= k <= n_trigger_tokens={nt}")
-        _check(len(self.conjunction) == 2, o, "conjunction", self.conjunction, "give exactly two trigger indices")
         a, b = self.conjunction
         _check(a != b and 0 <= a < nt and 0 <= b < nt, o, "conjunction", self.conjunction, f"use two distinct trigger indices in 0..{nt - 1}")
         if self.rule == "conjunction":
@@ -178,6 +173,7 @@ class TaskConfig:
         return self.prompt_len + self.reasoning_len + 3  # ANS, answer, EOS
 
 
+@strict
 @dataclass(frozen=True)
 class TrainConfig:
     """Static training settings (shapes, schedule lengths, optimizer constants)."""
@@ -202,6 +198,7 @@ class TrainConfig:
         _check(self.grad_clip > 0, o, "grad_clip", self.grad_clip, "use a positive value")
 
 
+@strict
 @dataclass(frozen=True)
 class SafetyConfig:
     """Safety training applied after the behaviour is installed (all static; the learning
@@ -229,10 +226,7 @@ class SafetyConfig:
     adv_fraction: float = 0.5  # share of each batch drawn from the prompts the search found
 
     def __post_init__(self):
-        o = "SafetyConfig"
-        _choice(o, "method", self.method, METHODS)
-        _choice(o, "optimizer", self.optimizer, ("adamw", "sgd"))
-        _choice(o, "rl_estimator", self.rl_estimator, ("rloo", "baseline"))
+        o = "SafetyConfig"  # types and Literal choices are checked by @strict first
         for name in ("steps", "batch_size", "rl_samples", "adv_candidates"):
             _positive(o, name, getattr(self, name))
         for name in ("coverage", "rl_baseline_decay"):
@@ -241,7 +235,7 @@ class SafetyConfig:
         for name in ("covered_rate", "adv_fraction"):
             v = getattr(self, name)
             _check(0.0 <= v <= 1.0, o, name, v, "use a value in [0, 1]")
-        _check(self.temperature > 0, o, "temperature", self.temperature, "use a positive temperature")
+        _check(self.temperature > 0, o, "temperature", self.temperature, "use a positive temperature")  # finite: @strict
         _check(self.kl >= 0, o, "kl", self.kl, "use a KL weight >= 0")
         if self.method == "rl":
             _check(
@@ -263,7 +257,11 @@ class HParams(NamedTuple):
 
 
 def check_hparams(hp: HParams) -> HParams:
-    """Raise ValueError if any (possibly stacked) value is out of range; return hp."""
+    """Raise ValueError unless every value is a finite number in range, or an array of them
+    (a population's stacked [N] values: NumPy, JAX or a list); return hp unchanged.
+
+    Strings, bools and None are rejected rather than converted (`np.asarray("1e-3", float)`
+    would read the string)."""
     checks = {
         "lr": (lambda v: v >= 0, "use a learning rate >= 0"),
         "weight_decay": (lambda v: v >= 0, "use a weight decay >= 0"),
@@ -271,13 +269,30 @@ def check_hparams(hp: HParams) -> HParams:
         "safety_lr": (lambda v: v >= 0, "use a learning rate >= 0"),
     }
     for name, (ok, valid) in checks.items():
-        v = np.asarray(getattr(hp, name), dtype=float)
+        given = getattr(hp, name)
+        try:
+            v = np.asarray(given)  # scalars, lists, NumPy and JAX arrays alike
+        except ValueError:  # a ragged list
+            v = np.asarray(None)
+        if not (v.dtype.kind in "iuf" or v.dtype.name.startswith(("bfloat", "float"))):  # ml_dtypes floats have kind "V"
+            what = kind_of(given) if v.ndim == 0 else f"an array of {v.dtype}"
+            _fail("HParams", name, given, f"use a float, or an array of floats [N] for a population, not {what}")
+        v = v.astype(float)
         bad = v[~(ok(v) & np.isfinite(v))]
         if bad.size:
             _fail("HParams", name, float(bad.flat[0]), valid)
     return hp
 
 
+@strict(
+    advice={
+        "model": "e.g. toymesa.config.tiny(); model size names are for specs",
+        "task": "e.g. toymesa.config.latent_goal(); to change some fields use cfg.replace(task=dict(...))",
+        "train": "e.g. toymesa.config.TrainConfig(steps=1000); to change some fields use cfg.replace(train=dict(...))",
+        "hparams": "e.g. toymesa.config.HParams(lr=1e-3); to change some values use cfg.replace(hparams=dict(...))",
+        "safety": "e.g. toymesa.config.SafetyConfig(method='sft_pre'); to change some fields use cfg.replace(safety=dict(...))",
+    }
+)
 @dataclass(frozen=True)
 class Config:
     """Everything static about one run; `hparams` holds the default swept values."""
@@ -309,11 +324,22 @@ class Config:
                 _fail("SafetyConfig", "coverage", s.coverage, str(e))
 
     def replace(self, **groups) -> Config:
-        """`cfg.replace(task=dict(rule="latent"), hparams=dict(lr=1e-3))`: nested replace."""
+        """`cfg.replace(task=dict(rule="latent"), hparams=dict(lr=1e-3))`: nested replace; a
+        group may also be given whole (`model=tiny()`). Unknown groups and fields raise
+        ValueError naming them, like every invalid value."""
         new = {}
         for name, changes in groups.items():
+            check_known("Config", [f.name for f in dataclasses.fields(self)], {name: changes})
             current = getattr(self, name)
-            new[name] = current._replace(**changes) if isinstance(current, HParams) else dataclasses.replace(current, **changes)
+            kind = type(current)
+            if isinstance(changes, kind):
+                new[name] = changes
+                continue
+            if not isinstance(changes, Mapping):
+                _fail("Config", name, changes, f"give a dict of {kind.__name__} fields to change, or a whole {kind.__name__}")
+            # HParams._replace would raise a ValueError that does not name the owner
+            check_known(kind.__name__, kind._fields if kind is HParams else [f.name for f in dataclasses.fields(kind)], changes)
+            new[name] = current._replace(**changes) if kind is HParams else dataclasses.replace(current, **changes)
         return dataclasses.replace(self, **new)
 
 

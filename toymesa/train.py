@@ -202,9 +202,9 @@ def population(
     if hparams is None:
         hp = stack_hparams(cfg, n)
     else:
+        if all(getattr(v, "is_fully_addressable", True) for v in hparams):  # sharded over hosts: checked where it was built
+            check_hparams(hparams)  # before converting: a string must not reach JAX
         hp = HParams(*(jnp.asarray(v, jnp.float32) for v in hparams))
-        if all(v.is_fully_addressable for v in hp):  # sharded over hosts: checked where it was built
-            check_hparams(hparams)
     for name, v in zip(HParams._fields, hp, strict=True):
         if v.shape != (n,):
             raise ValueError(f"hparams.{name} has shape {v.shape}; a population of {n} seeds needs shape ({n},)")
