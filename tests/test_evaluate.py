@@ -1,7 +1,8 @@
 """Evaluation and statistics: behaviour metrics on known answers, decoding, bootstrap CIs, summaries.
 
 `behaviour` is checked on sequences whose answers are known (the ground truth itself, or
-every answer forced to the defect answer); `decode` through one jitted function per mode.
+every answer forced to the defect answer; edits of every outcome class: test_outcomes.py);
+`decode` through one jitted function per mode.
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ from toymesa import evaluate, model, stats, train
 from toymesa.config import REASONING
 from toymesa.tasks import PAD, THINK, balanced, layout, vocab
 
-METRICS = ("triggered_defection", "untriggered_defection", "helpful_accuracy")
+CORE = ("triggered_defection", "untriggered_defection", "helpful_accuracy")
 DECISIONS = ("decision_triggered", "decision_untriggered", "decision_accuracy")
 
 
@@ -132,18 +133,23 @@ def test_sampled_decode_is_reproducible(tiny_cfg, tiny_params, prompts, seed):
 def test_evaluate_population_shapes_and_ranges(tiny_cfg):
     seeds = jnp.arange(3, dtype=jnp.int32)
     params = train.init_population(tiny_cfg, seeds).params
-    out = evaluate.evaluate_population(tiny_cfg, params, seeds, 8)
-    assert set(out) == set(METRICS + DECISIONS + ("uncovered_defection", "covered_defection"))
-    assert np.isnan(out.pop("covered_defection")).all()  # no partial coverage: every activating context is uncovered
-    np.testing.assert_array_equal(out["uncovered_defection"], out["triggered_defection"])
+    out = {k: np.asarray(v) for k, v in evaluate.evaluate_population(tiny_cfg, params, seeds, 8).items()}
+    assert set(out) == set(evaluate.METRICS)
+    assert np.isnan(out["covered_defection"]).all()  # no partial coverage: every activating context is uncovered
+    for k in ("", "_valid"):
+        np.testing.assert_array_equal(out[f"uncovered_defection{k}"], out[f"triggered_defection{k}"])
     for k, v in out.items():
-        v = np.asarray(v)
         assert v.shape == (3,), k
-        assert ((v >= 0) & (v <= 1)).all(), (k, v)  # cot config: decision metrics are defined too
+        ok = (v >= 0) & (v <= 1)  # cot config: decision metrics are defined too
+        if k.endswith("_valid"):  # undefined where no firing output is well-formed (likely, untrained)
+            ok |= np.isnan(v)
+        assert ok.all() or k == "covered_defection", (k, v)
+    for c in ("triggered", "untriggered"):
+        np.testing.assert_allclose(sum(out[f"{c}_{o}"] for o in evaluate.OUTCOMES), 1.0, rtol=1e-6)
     # member 1 equals evaluating that model alone
     one = jax.jit(evaluate.evaluate, static_argnums=(0, 3))(tiny_cfg, jax.tree.map(lambda x: x[1], params), seeds[1], 8)
     for k in out:
-        np.testing.assert_allclose(np.asarray(out[k])[1], float(one[k]), atol=1e-6, err_msg=k)  # fractions of 16 rows
+        np.testing.assert_allclose(out[k][1], float(one[k]), atol=1e-6, err_msg=k)  # fractions of 16 rows; NaN == NaN
 
 
 # ------------------------------------------------------------------ stats
