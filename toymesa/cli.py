@@ -119,11 +119,12 @@ def demo(
     Resumable: an interrupted demo keeps its finished arms; rerun the same command.
     """
     from toymesa import demo as demo_mod
+    from toymesa import runs
 
     console = _console()
     summary, paths, seconds = demo_mod.main(out=out, n_seeds=seeds, steps=steps, fresh=fresh, echo=console.print)
     title = f"Installed, then {demo_mod.SAFETY_STEPS} steps of safety SFT: mean over {seeds} seeds [95% bootstrap CI]"
-    _print_table(console, title, summary, "arm", ["installed_defection", *demo_mod.METRICS])
+    _print_table(console, title, summary, "arm", runs.with_malformed(summary, ["installed_defection", *demo_mod.METRICS]))
     console.print(f"results: {out}/results.csv, {out}/summary.csv; figure: {', '.join(map(str, paths))}")
     console.print(f"total time {seconds:.0f}s")
     if _nonfinite_warning(console, out):
@@ -159,7 +160,7 @@ def _finish(console, exp, out: Path):
 
     summary = exp.table(out)
     shown = ("installed", "installed_defection", "defection", "triggered_defection", "untriggered_defection", "helpful_accuracy")
-    metrics = [m for m in shown if m in summary]
+    metrics = runs.with_malformed(summary, [m for m in shown if m in summary])
     label = "arm" if "arm" in summary else "cell"
     if label == "cell":
         summary = summary.assign(cell=runs.cell_labels(summary))

@@ -63,7 +63,8 @@ def table(out) -> pd.DataFrame:
     metrics after safety SFT, mean and 95% bootstrap CI over seeds."""
     df = _arms(runs.load(out))
     last = runs.with_start(df, "triggered_defection", "installed_defection")
-    return stats.summarize(last, ["arm"], ["installed_defection", *METRICS, "decision_accuracy"])
+    shown = [m for m in ("decision_accuracy", *runs.MALFORMED, "triggered_defection_valid") if m in last]
+    return stats.summarize(last, ["arm"], ["installed_defection", *METRICS, *shown])
 
 
 def figures(out) -> list[Path]:
@@ -74,11 +75,12 @@ def figures(out) -> list[Path]:
     last = runs.last_step(df)
     summary = table(out)
     with plt.rc_context(plot.STYLE):
-        fig, axes = plt.subplots(1, 4, figsize=(13, 2.9), gridspec_kw={"width_ratios": [1.5, 1, 1, 1]})
+        panels = runs.with_malformed(summary, METRICS)  # the malformed rate gets a panel wherever it is not ~0
+        fig, axes = plt.subplots(1, 1 + len(panels), figsize=(3.25 * (1 + len(panels)) + 0.5, 2.9), gridspec_kw={"width_ratios": [1.5] + [1] * len(panels)})
         plot.ci_band(axes[0], df, "step", "triggered_defection", "arm")
         axes[0].set(title="triggered defection during safety SFT", xlabel="safety step (0 = installed)", ylim=(-0.03, 1.03))
         axes[0].legend(fontsize=7)
-        for ax, m in zip(axes[1:], METRICS, strict=True):
+        for ax, m in zip(axes[1:], panels, strict=True):
             plot.ci_bars(ax, summary, last, m)
             ax.set_title(f"{m.replace('_', ' ')} after SFT")
         fig.suptitle(f"Backdoors and goals under safety SFT ({summary['n'].min()} seeds per arm, mean and 95% bootstrap CI)", y=1.06)

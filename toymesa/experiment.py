@@ -134,7 +134,7 @@ def generic_figures(out: Path) -> list[Path]:
     from toymesa import plot, runs
 
     df = runs.load(out)
-    metrics = [m for m in runs.EVAL_METRICS if m in df and df[m].notna().any()]
+    metrics = runs.with_malformed(df, [m for m in runs.EVAL_METRICS if m in df and df[m].notna().any()])
     df = df.assign(label=runs.cell_labels(df))
     with plt.rc_context(plot.STYLE):
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 2.8), squeeze=False)

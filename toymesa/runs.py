@@ -16,11 +16,21 @@ import jax
 import numpy as np
 import pandas as pd
 
-from toymesa import model, stats, store
+from toymesa import evaluate, model, stats, store
 from toymesa.config import Config, HParams, ModelConfig, SafetyConfig, TaskConfig, TrainConfig
 
 TRAIN_METRICS = ("loss", "answer_acc", "grad_norm", "reward")  # "reward": RL safety training only
+# the headline behaviour metrics (figures); summaries hold every metric of `evaluate.METRICS`
 EVAL_METRICS = ("triggered_defection", "untriggered_defection", "helpful_accuracy", "decision_accuracy", "uncovered_defection", "covered_defection")
+MALFORMED = ("triggered_malformed", "untriggered_malformed")  # shown wherever not ~0
+NEGLIGIBLE = 0.005
+
+
+def with_malformed(df: pd.DataFrame, metrics) -> list[str]:
+    """`metrics` plus each malformed-sequence rate of `df` (a tidy or summary table) that
+    exceeds `NEGLIGIBLE` somewhere: a drop in defection can be format damage."""
+    extra = [m for m in MALFORMED if m in df and m not in metrics and df[m].max(skipna=True) > NEGLIGIBLE]
+    return [*metrics, *extra]
 
 
 def load(path) -> pd.DataFrame:
@@ -118,7 +128,7 @@ def with_start(df: pd.DataFrame, metric: str, name: str) -> pd.DataFrame:
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Per cell at its last logged step: mean and 95% bootstrap CI over seeds of each metric."""
     last = last_step(df)
-    metrics = [m for m in (*EVAL_METRICS, "loss") if m in last and last[m].notna().any()]
+    metrics = [m for m in (*evaluate.METRICS, "loss") if m in last and last[m].notna().any()]
     axes = [c for c in df.columns if c.startswith("axis:")]
     return stats.summarize(last, ["cell", "cell_id", *axes] if axes else ["cell", "cell_id"], metrics)
 

@@ -79,7 +79,7 @@ def table(out: Path) -> pd.DataFrame:
     df = frame(out)
     df = df.assign(arm=df.apply(label, axis=1))
     merged = runs.with_start(df, "defection", "installed")
-    metrics = ["installed", "defection", "untriggered_defection", "helpful_accuracy", "adv_found"]
+    metrics = runs.with_malformed(merged, ["installed", "defection", "untriggered_defection", "helpful_accuracy", "adv_found"])
     return stats.summarize(merged, ["cell", "arm"], metrics)
 
 
@@ -264,6 +264,8 @@ def figures(out: Path) -> list[Path]:
             color=plot.COLORS[1],
             label="after 150 safety steps",
         )
+        if "triggered_malformed" in t:  # only where not ~0 (`runs.with_malformed`): format damage, not removal
+            ax.plot(t["triggered_malformed"], y - 0.15, "x", ms=4, color="k", label="malformed sequences (triggered, final)")
         ax.set_yticks(y, [f"{a} [{k} NON-FINITE, excluded]" if k else a for a, k in zip(t["arm"], t["nonfinite"], strict=True)], fontsize=6)
         ax.axvspan(-0.05, FORGOTTEN, color="0.9", lw=0)
         ax.set_xlim(-0.05, 1.05)
