@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 CONSTRAINTS := constraints.txt
 
-.PHONY: demo test test-slow bench quickstart lint install install-dev lock clean
+.PHONY: demo test test-slow bench quickstart lint install install-dev lock clean mutate
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test: install-dev
 
 test-slow: install-dev
 	$(BIN)/python -m pytest -q -m slow
+
+# Mutation check: curated one-line bugs (tests/mutate/mutants.toml), each run against the tests
+# meant to catch it, 2 at a time; fails below a 90% kill rate. Report: tests/mutate/report.md.
+# Options: make mutate MUTATE_ARGS="--only ID" (or --file PATH, --min 0.8).
+mutate: install-dev
+	$(BIN)/python tests/mutate/run.py $(MUTATE_ARGS)
 
 # Throughput benchmark; installs the optional PyTorch baseline (CPU wheel) first.
 bench: install

@@ -55,23 +55,3 @@ def save_arrays(arrays: dict, path) -> Path:
 def load_arrays(path) -> dict:
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
-
-
-def load(path) -> pd.DataFrame:
-    """Load results as one tidy DataFrame.
-
-    `path` is a CSV file, or a run folder. For a sweep folder the table has one row per
-    cell x seed x logged step, with every config field as a ``group.field`` column; it is
-    read from ``results.csv`` when the run finished, else assembled from the chunks
-    finished so far (so a partial run loads too).
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return pd.read_csv(path)
-    if (path / "results.csv").exists():
-        return pd.read_csv(path / "results.csv")
-    if (path / "chunks").is_dir():
-        from toymesa import sweep
-
-        return sweep.tidy(path)
-    raise FileNotFoundError(f"{path} holds no results (no results.csv and no chunks/); run a sweep or an experiment into it first")
