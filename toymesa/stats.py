@@ -73,9 +73,15 @@ def _hedges_g(x, y, axis=-1):
     """g = J (mean x - mean y) / s_p; s_p^2 = (SS_x + SS_y) / (n_x + n_y - 2); J = 1 - 3 / (4 (n_x + n_y) - 9)."""
     nx, ny = x.shape[axis], y.shape[axis]
     ss = sum(np.sum((v - np.mean(v, axis=axis, keepdims=True)) ** 2, axis=axis) for v in (x, y))
+    diff = _mean_difference(x, y, axis)
+    # both samples constant: exactly zero SD and the exact difference (a computed mean of n
+    # copies of 0.95 is not always 0.95, which would leave g a ratio of rounding errors)
+    const = (np.ptp(x, axis=axis) == 0) & (np.ptp(y, axis=axis) == 0)
+    ss = np.where(const, 0.0, ss)
+    diff = np.where(const, np.take(x, 0, axis=axis) - np.take(y, 0, axis=axis), diff)
     dof = nx + ny - 2
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (1 - 3 / (4 * dof - 1)) * _mean_difference(x, y, axis) / np.sqrt(ss / dof)
+        return (1 - 3 / (4 * dof - 1)) * diff / np.sqrt(ss / dof)
 
 
 def hedges_g_ci(a, b, confidence: float = 0.95, n_resamples: int = 4000, seed: int = 0) -> tuple[float, float, float]:
