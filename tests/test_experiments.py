@@ -123,6 +123,8 @@ def test_persistence_rules_encode_the_registered_prediction_text():
     a = _module("persistence")
     s = spec.load(experiment.EXPERIMENTS / "persistence")
     stored = experiment.EXPERIMENTS / "persistence" / "results"
+    if not (stored / "meta.json").exists():  # copies of the tree without stored runs (make mutate)
+        pytest.skip("no stored persistence run to compare the rules with")
     registered = {h["id"]: h["prediction"] for h in a.hypotheses(stored)}
     for h in s.hypotheses:
         r = prereg.parse_rule(h["rule"])
