@@ -662,3 +662,21 @@ def test_demo_spec_steps_override_only_the_schedule(steps):
         assert train.warmup_steps <= TrainConfig().warmup_steps
         reference = demo_config(c.values["task.rule"], c.values["task.reasoning"])
         assert c.config.replace(train=dict(steps=reference.train.steps, warmup_steps=reference.train.warmup_steps)) == reference
+
+
+def test_a_misspelt_hypothesis_metric_and_a_non_utf8_file_are_named(tmp_path):
+    import tomllib
+
+    text = (experiment_root() / "quickstart" / "spec.toml").read_text().replace('metric = "triggered_defection"', 'metric = "triggred_defection"', 1)
+    with pytest.raises(spec.SpecError, match=r"hypotheses\[0\]\.metric: 'triggred_defection' is not a metric"):
+        spec.parse(tomllib.loads(text))
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(spec.SpecError, match=r"latin1\.toml: not UTF-8"):
+        spec.load(bad)
+
+
+def experiment_root():
+    from toymesa import experiment
+
+    return experiment.EXPERIMENTS

@@ -346,3 +346,50 @@ def test_safety_cells_share_installs_and_start_from_the_installed_model(finished
     # the two safety learning rates then diverge
     end = runs.last_step(df).pivot(index="seed", columns="hparams.safety_lr", values="loss")
     assert not np.allclose(end[1e-4], end[1e-3])
+
+
+# ----------------------------------------------------------------- first contact
+def test_result_files_follow_the_umask_not_owner_only(finished):
+    _, out = finished
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("results.csv", "summary.csv", "meta.json", "prereg.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~mask for p in runs.chunk_files(out))
+
+
+def test_a_corrupt_chunk_is_named_and_recomputed(finished, tmp_path):
+    import shutil
+
+    s, out = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    bad = runs.chunk_files(copy)[0]
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"chunk {bad} cannot be read"):
+        runs.tidy(copy)
+    messages = []
+    sweep.run(s, copy, progress=False, echo=messages.append)
+    assert any(str(bad) in m and "recomputing" in m for m in messages)
+    compare_runs(copy, out, exact=True)
+
+
+def test_out_that_is_a_file_and_a_missing_cell_get_one_line_errors(finished, tmp_path):
+    s, out = finished
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(spec.SpecError, match="is a file, not a folder"):
+        sweep.run(s, tmp_path / "file", progress=False)
+    with pytest.raises(KeyError, match="has no cell 9; its cells are 0, 1"):
+        runs.load_params(out, 9, seed=0)
+
+
+def test_check_prints_cell_ids_that_look_like_markup(tmp_path):
+    from typer.testing import CliRunner
+
+    from toymesa import cli
+
+    path = write_spec(tmp_path / "spec.toml")
+    result = CliRunner().invoke(cli.app, ["sweep", str(path), "--check"])
+    assert result.exit_code == 0, result.output
+    for c in spec.load(path).cells():
+        assert f"[{c.id}]" in result.output

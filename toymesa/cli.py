@@ -43,7 +43,9 @@ def _cpu_devices(n: int | None):
 def _console():
     from rich.console import Console
 
-    return Console(width=max(Console().width, 100))
+    # markup off: cell ids, labels, paths and spec text are user text, and "[f1baef19f5]" would
+    # be read as a style tag and vanish; styles are given explicitly (style=...) instead
+    return Console(width=max(Console().width, 100), markup=False, highlight=False)
 
 
 def _errors(fn):
@@ -56,7 +58,7 @@ def _errors(fn):
         except KeyboardInterrupt:
             typer.secho("interrupted: finished chunks are saved; rerun the same command to resume.", fg="yellow", err=True)
             raise typer.Exit(130) from None
-        except (ValueError, KeyError, FileNotFoundError) as e:
+        except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             typer.secho(f"error: {msg}", fg="red", err=True)
             raise typer.Exit(2) from None
@@ -148,10 +150,10 @@ def _nonfinite_warning(console, out: Path) -> bool:
     bad = runs.last_step(df)
     bad = bad[bad["nonfinite"].astype(bool)]
     cells = bad.assign(label=runs.cell_labels(bad)).groupby(["cell", "label"]).size()
-    console.print(f"[bold red]WARNING: {len(bad)} member(s) went non-finite (NaN/inf loss, gradients or parameters) in {len(cells)} cell(s):[/]")
+    console.print(f"WARNING: {len(bad)} member(s) went non-finite (NaN/inf loss, gradients or parameters) in {len(cells)} cell(s):", style="bold red")
     for (cell, label), k in cells.items():
-        console.print(f"[red]  cell {cell} ({label}): {k} member(s)[/]", markup=True)
-    console.print("[red]They are excluded from every mean, CI and verdict (counted in the 'non-finite' column). Exit status 3.[/]")
+        console.print(f"  cell {cell} ({label}): {k} member(s)", style="red")
+    console.print("They are excluded from every mean, CI and verdict (counted in the 'non-finite' column). Exit status 3.", style="red")
     return True
 
 
@@ -265,7 +267,7 @@ def list_cmd():
         s = exp.spec()
         where = RESULTS / name
         state = "finished" if (where / "results.csv").exists() else "partial" if (where / "chunks").exists() else "not run"
-        console.print(f"[bold]{name}[/bold]  {len(s.cells())} cells x {len(s.seeds)} seeds  results: {where} ({state})")
+        console.print(f"{name}  {len(s.cells())} cells x {len(s.seeds)} seeds  results: {where} ({state})", style="bold")
         console.print(f"    {' '.join(s.description.split())}")
 
 

@@ -23,6 +23,15 @@ STYLE = {
 COLORS = ["#1b6ca8", "#d1495b", "#66a182", "#edae49", "#8d6a9f", "#00798c"]
 
 
+def palette(n: int) -> list[tuple]:
+    """n distinct (colour, line style) pairs: the house colours up to 6 groups, tab10 up to 10,
+    tab20 up to 20, then tab20 again with dashed and dotted lines, so no two groups look alike."""
+    if n <= len(COLORS):
+        return [(c, "-") for c in COLORS[:n]]
+    cmap, k = (plt.cm.tab10, 10) if n <= 10 else (plt.cm.tab20, 20)
+    return [(cmap(i % k), ("-", "--", ":", "-.")[(i // k) % 4]) for i in range(n)]
+
+
 def save(fig, stem) -> list[Path]:
     """Save `fig` as STEM.png and STEM.pdf; returns the paths."""
     stem = Path(stem)
@@ -39,7 +48,7 @@ def ci_bars(ax, summary: pd.DataFrame, raw: pd.DataFrame, metric: str, arm: str 
     x = np.arange(len(summary))
     mean = summary[metric].to_numpy()
     err = np.stack([mean - summary[f"{metric}_lo"], summary[f"{metric}_hi"] - mean])
-    ax.bar(x, mean, color=[COLORS[i % len(COLORS)] for i in x], alpha=0.6, width=0.7)
+    ax.bar(x, mean, color=[c for c, _ in palette(len(x))], alpha=0.6, width=0.7)
     ax.errorbar(x, mean, yerr=err, fmt="none", ecolor="k", capsize=3, lw=1)
     for i, name in enumerate(summary[arm]):
         vals = raw.loc[raw[arm] == name, metric].to_numpy()
@@ -62,10 +71,10 @@ def label(name, g: pd.DataFrame) -> str:
 def mean_band(ax, hist: pd.DataFrame, x: str, y: str, group: str, log: bool = False):
     """Median of `y` over seeds against `x` per group, with a 10-90% band across seeds
     (non-finite members excluded and counted in the legend)."""
-    for i, (name, g) in enumerate(hist.groupby(group, sort=False)):
+    groups = list(hist.groupby(group, sort=False))
+    for (name, g), (c, style) in zip(groups, palette(len(groups)), strict=True):
         q = g.groupby(x)[y].quantile([0.1, 0.5, 0.9]).unstack()
-        c = COLORS[i % len(COLORS)]
-        ax.plot(q.index, q[0.5], color=c, lw=1.2, label=label(name, g))
+        ax.plot(q.index, q[0.5], style, color=c, lw=1.2, label=label(name, g))
         ax.fill_between(q.index, q[0.1], q[0.9], color=c, alpha=0.2, lw=0)
     if log:
         ax.set_yscale("log")
@@ -80,12 +89,9 @@ def ci_band(ax, df: pd.DataFrame, x: str, y: str, group: str):
     from toymesa import stats
 
     groups = list(df.groupby(group, sort=False))
-    palette = COLORS if len(groups) <= len(COLORS) else [plt.cm.tab10(i % 10) for i in range(len(groups))]
-    for i, (name, g) in enumerate(groups):
+    for (name, g), (c, style) in zip(groups, palette(len(groups)), strict=True):
         rows = [(xv, *stats.bootstrap_ci(gx[y].to_numpy(), n_resamples=1000)) for xv, gx in g.groupby(x)]
-        xs, mean, lo, hi = (np.asarray(c, float) for c in zip(*rows, strict=True))
-        c = palette[i]
-        style = "--" if i >= 10 else "-"
+        xs, mean, lo, hi = (np.asarray(v, float) for v in zip(*rows, strict=True))
         ax.plot(xs, mean, style, color=c, lw=1.2, label=label(name, g), marker="o", ms=2)
         ax.fill_between(xs, lo, hi, color=c, alpha=0.18, lw=0)
     ax.set_xlabel(x)

@@ -10,6 +10,7 @@ every metric of theirs is NaN there: a NaN model's greedy answers are not "no de
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import jax
@@ -51,6 +52,13 @@ def load(path) -> pd.DataFrame:
     raise FileNotFoundError(f"{path} holds no results (no results.csv and no chunks/); run a sweep or an experiment into it first")
 
 
+def _read(path: Path) -> dict:
+    try:
+        return store.load_arrays(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"chunk {path} cannot be read ({type(e).__name__}: {e}); rerun the run's command, which recomputes it") from None
+
+
 def chunk_files(out) -> list[Path]:
     """The chunk files of a run folder, sorted by name."""
     return sorted(Path(out, "chunks").glob("*.npz"))
@@ -79,7 +87,7 @@ def tidy(out, keep: set[str] | None = None) -> pd.DataFrame:
     for path in chunk_files(out):
         if keep is not None and path.name not in keep:
             continue
-        a = store.load_arrays(path)
+        a = _read(path)
         at = a["eval_step"]
         n = len(a["seed"])
         rows = {"cell": np.repeat(a["cell"], len(at)), "seed": np.repeat(a["seed"], len(at)), "step": np.tile(at, n)}
@@ -140,7 +148,7 @@ def load_histories(out) -> tuple[pd.DataFrame, dict]:
     """
     members, hists = [], {}
     for path in chunk_files(out):
-        a = store.load_arrays(path)
+        a = _read(path)
         members.append(pd.DataFrame({"cell": a["cell"], "seed": a["seed"]}))
         for k in TRAIN_METRICS:  # metrics a chunk lacks (reward without RL) are NaN
             hists.setdefault(k, []).append(a[f"hist.{k}"] if f"hist.{k}" in a else np.full(a["hist.loss"].shape, np.nan))
@@ -154,10 +162,13 @@ def load_histories(out) -> tuple[pd.DataFrame, dict]:
 def load_params(out, cell: int, seed: int):
     """The final parameters (nnx.State) of one member of a finished sweep."""
     out = Path(out)
-    cfg_row = json.loads((out / "configs.json").read_text())[str(cell)]
+    configs = json.loads((out / "configs.json").read_text())
+    if str(cell) not in configs:
+        raise KeyError(f"{out} has no cell {cell}; its cells are {', '.join(sorted(configs, key=int))} (see cells.csv)")
+    cfg_row = configs[str(cell)]
     cfg = config_from_dict(cfg_row)
     for path in chunk_files(out):
-        a = store.load_arrays(path)
+        a = _read(path)
         hit = np.flatnonzero((a["cell"] == cell) & (a["seed"] == seed))
         if hit.size:
             if "param.000" not in a:

@@ -124,7 +124,10 @@ def load(path) -> Spec:
         path = path / "spec.toml"
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file (give a .toml file, or a folder holding spec.toml)")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the spec as UTF-8") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -375,6 +378,13 @@ def _hypotheses(items, fail) -> tuple[dict, ...]:
                 fail(f"{where}.{key}", "is required and must be a non-empty string")
         if h["id"] in seen:
             fail(f"{where}.id", f"{h['id']!r} is used twice")
+        if "metric" in h:
+            from toymesa.evaluate import METRICS  # lazily: parsing a spec needs no JAX otherwise
+
+            known = (*METRICS, "loss", "answer_acc", "grad_norm", "reward", "adv_found")
+            if h["metric"] not in known:
+                close = [m for m in known if m.split("_")[0] == str(h["metric"]).split("_")[0]][:4]
+                fail(f"{where}.metric", f"{h['metric']!r} is not a metric the runner records; e.g. {close or list(known[:4])} (all: toymesa.evaluate.METRICS)")
         if "rule" in h:
             try:
                 prereg.parse_rule(h["rule"])

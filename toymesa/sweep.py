@@ -33,6 +33,7 @@ import json
 import platform
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -322,9 +323,11 @@ def run(spec: Spec, out, fresh: bool = False, progress: bool = True, echo=print,
     `roots`: folders (besides `out`'s parent) searched for earlier results of the same spec.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"--out {out} is a file, not a folder; give a folder for the run (it is created if missing)")
     _prepare(spec, out, fresh, analysis, roots)
     chunks = plan(spec)
-    done = {c.name for c in chunks if (out / "chunks" / f"{c.name}.npz").exists()}
+    done = {c.name for c in chunks if _finished(out / "chunks" / f"{c.name}.npz", echo)}
     todo = [c for c in chunks if c.name not in done]
     steps_of = {c.name: c.n * c.cfg.train.steps + (c.n * phase_steps(c.cfg) if c.cfg.safety.method != "none" else 0) for c in chunks}
     n_cells = len(spec.cells())
@@ -370,6 +373,20 @@ def run(spec: Spec, out, fresh: bool = False, progress: bool = True, echo=print,
         store.save_frame(df, out / "results.csv")
         store.save_frame(runs.summarize(df), out / "summary.csv")
     return out
+
+
+def _finished(path: Path, echo) -> bool:
+    """Whether chunk file `path` exists and reads back. A chunk is a cache of a pure function
+    of its key, so a corrupt one (a truncated copy, a full disk) is removed and recomputed."""
+    if not path.exists():
+        return False
+    try:
+        store.load_arrays(path)
+        return True
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        echo(f"chunk {path} cannot be read ({type(e).__name__}: {e}); removing it and recomputing it")
+        path.unlink()
+        return False
 
 
 def _cells_done(chunks: list[Chunk], done: set) -> int:
