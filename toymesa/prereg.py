@@ -52,6 +52,7 @@ from toymesa import store
 
 # Spelled out, not taken from spec.py: adding a spec key must not change existing digests.
 HYPOTHESIS_FIELDS = ("id", "statement", "prediction", "metric", "test", "rule")
+HYPOTHESIS_KEYS = {*HYPOTHESIS_FIELDS}  # the keys a spec's [[hypotheses]] table may hold
 VERDICTS = ("confirmed", "refuted", "inconclusive", "at ceiling: cannot discriminate", "at floor: cannot discriminate")
 COMBINE = {
     "all": "every part must confirm; any part refuting refutes",
@@ -153,6 +154,43 @@ def render(rule: Rule | dict, parts: int = 1, comparison: bool = True) -> str:
     if parts > 1:
         text += f" (per part; {COMBINE[rule.combine]})"
     return text + ("; a comparison with every arm at 0 or every arm at 1 cannot discriminate" if comparison else "")
+
+
+def check_hypotheses(items, fail) -> tuple[dict, ...]:
+    """Validate a spec's ``[[hypotheses]]`` (a list of dicts) and return them as a tuple.
+
+    Each needs a unique non-empty id, statement and prediction; `metric` must be one the runner
+    records; `rule` must parse (`parse_rule`). Problems go to ``fail(key, problem)``, which raises.
+    """
+    if not isinstance(items, list):
+        fail("hypotheses", "must be an array of tables: [[hypotheses]] with id, statement, prediction")
+    seen = set()
+    for i, h in enumerate(items):
+        where = f"hypotheses[{i}]"
+        if not isinstance(h, dict):
+            fail(where, "must be a table with id, statement, prediction")
+        unknown = sorted(set(h) - HYPOTHESIS_KEYS)
+        if unknown:
+            fail(f"{where}.{unknown[0]}", f"unknown key; valid keys are {sorted(HYPOTHESIS_KEYS)}")
+        for key in ("id", "statement", "prediction"):
+            if not isinstance(h.get(key), str) or not h[key].strip():
+                fail(f"{where}.{key}", "is required and must be a non-empty string")
+        if h["id"] in seen:
+            fail(f"{where}.id", f"{h['id']!r} is used twice")
+        if "metric" in h:
+            from toymesa import evaluate, runs  # lazily: validating a spec needs no JAX otherwise
+
+            known = (*evaluate.METRICS, *runs.TRAIN_METRICS, "adv_found")
+            if h["metric"] not in known:
+                close = [m for m in known if m.split("_")[0] == str(h["metric"]).split("_")[0]][:4]
+                fail(f"{where}.metric", f"{h['metric']!r} is not a metric the runner records; e.g. {close or list(known[:4])} (all: toymesa.evaluate.METRICS)")
+        if "rule" in h:
+            try:
+                parse_rule(h["rule"])
+            except RuleError as e:
+                fail(where, str(e))
+        seen.add(h["id"])
+    return tuple(items)
 
 
 # ------------------------------------------------------------------ verdicts

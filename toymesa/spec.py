@@ -66,7 +66,6 @@ GROUPS = ("model", "task", "train", "safety", "hparams")
 TOP_KEYS = {"name", "description", "seeds", "base", "grid", "arms", "random", "run", "hypotheses"}
 RUN_DEFAULTS = {"eval_every": None, "eval_prompts": 256, "chunk_members": 64, "save_params": True}
 DISTRIBUTIONS = ("uniform", "log_uniform", "choice")
-HYPOTHESIS_KEYS = {"id", "statement", "prediction", "metric", "test", "rule"}
 
 
 class SpecError(ValueError):
@@ -171,7 +170,7 @@ def parse(raw: dict, source: str = "<spec>", text: str = "", default_name: str =
             fail(f"grid.{key}", f"changes nothing: every value equals the base value {now!r}")
     random = _random(raw.get("random"), fail, grid)
     run = _run(raw.get("run", {}), fail)
-    hypotheses = _hypotheses(raw.get("hypotheses", []), fail)
+    hypotheses = prereg.check_hypotheses(raw.get("hypotheses", []), fail)
     arms = _arms(raw.get("arms", []), fail)
     spec = Spec(name, description, seeds, base, grid, random, run, hypotheses, source=source, text=text, arms=arms)
     expand(spec)  # resolve every cell now, so config errors surface before any training
@@ -360,38 +359,6 @@ def _arms(items, fail) -> tuple:
             axes[key] = [_check_value(key, v, f"arms[{i}].{key}", fail) for v in values]
         arms.append((name, axes))
     return tuple(arms)
-
-
-def _hypotheses(items, fail) -> tuple[dict, ...]:
-    if not isinstance(items, list):
-        fail("hypotheses", "must be an array of tables: [[hypotheses]] with id, statement, prediction")
-    seen = set()
-    for i, h in enumerate(items):
-        where = f"hypotheses[{i}]"
-        if not isinstance(h, dict):
-            fail(where, "must be a table with id, statement, prediction")
-        unknown = sorted(set(h) - HYPOTHESIS_KEYS)
-        if unknown:
-            fail(f"{where}.{unknown[0]}", f"unknown key; valid keys are {sorted(HYPOTHESIS_KEYS)}")
-        for key in ("id", "statement", "prediction"):
-            if not isinstance(h.get(key), str) or not h[key].strip():
-                fail(f"{where}.{key}", "is required and must be a non-empty string")
-        if h["id"] in seen:
-            fail(f"{where}.id", f"{h['id']!r} is used twice")
-        if "metric" in h:
-            from toymesa.evaluate import METRICS  # lazily: parsing a spec needs no JAX otherwise
-
-            known = (*METRICS, "loss", "answer_acc", "grad_norm", "reward", "adv_found")
-            if h["metric"] not in known:
-                close = [m for m in known if m.split("_")[0] == str(h["metric"]).split("_")[0]][:4]
-                fail(f"{where}.metric", f"{h['metric']!r} is not a metric the runner records; e.g. {close or list(known[:4])} (all: toymesa.evaluate.METRICS)")
-        if "rule" in h:
-            try:
-                prereg.parse_rule(h["rule"])
-            except prereg.RuleError as e:
-                fail(where, str(e))
-        seen.add(h["id"])
-    return tuple(items)
 
 
 # ----------------------------------------------------------------- cells
