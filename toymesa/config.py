@@ -117,12 +117,19 @@ class TaskConfig:
             _positive(o, name, getattr(self, name))
         nt = self.n_trigger_tokens
         _check(0 <= self.copy_k < self.n_content, o, "copy_k", self.copy_k, f"use 0..{self.n_content - 1} (n_content={self.n_content})")
-        _check(0 <= self.trigger < nt, o, "trigger", self.trigger, f"the vocabulary has trigger tokens 0..{nt - 1}; raise n_trigger_tokens or pick one of them")
-        _check(0 <= self.trigger_slot < self.n_ctx, o, "trigger_slot", self.trigger_slot, f"use a context slot 0..{self.n_ctx - 1}")
-        _check(1 <= self.k <= nt, o, "k", self.k, f"k_triggers needs 1 <= k <= n_trigger_tokens={nt}")
-        a, b = self.conjunction
-        _check(a != b and 0 <= a < nt and 0 <= b < nt, o, "conjunction", self.conjunction, f"use two distinct trigger indices in 0..{nt - 1}")
+        # a rule's own fields are checked only under that rule: their defaults must not make
+        # another rule's config invalid (n_trigger_tokens = 2 with rule single and k = 4 unused)
+        if self.rule == "single":
+            _check(
+                0 <= self.trigger < nt, o, "trigger", self.trigger, f"the vocabulary has trigger tokens 0..{nt - 1}; raise n_trigger_tokens or pick one of them"
+            )
+            if self.trigger_position == "fixed":
+                _check(0 <= self.trigger_slot < self.n_ctx, o, "trigger_slot", self.trigger_slot, f"use a context slot 0..{self.n_ctx - 1}")
+        if self.rule == "k_triggers":
+            _check(1 <= self.k <= nt, o, "k", self.k, f"k_triggers needs 1 <= k <= n_trigger_tokens={nt}")
         if self.rule == "conjunction":
+            a, b = self.conjunction
+            _check(a != b and 0 <= a < nt and 0 <= b < nt, o, "conjunction", self.conjunction, f"use two distinct trigger indices in 0..{nt - 1}")
             _check(self.n_ctx >= 2, o, "n_ctx", self.n_ctx, "the conjunction rule needs at least 2 context slots")
         _check(len(self.cue_weights) >= 1, o, "cue_weights", self.cue_weights, "give at least one cue weight")
         bad = [w for w in self.cue_weights if not EVIDENCE_MIN <= w <= EVIDENCE_MAX]
@@ -180,7 +187,7 @@ class TrainConfig:
 
     batch_size: int = 32
     steps: int = 500
-    warmup_steps: int = 50
+    warmup_steps: int | None = None  # None: follows steps (`warmup`, 10% of them)
     end_lr_fraction: float = 0.1  # cosine decay to this fraction of the peak lr
     b1: float = 0.9
     b2: float = 0.98
@@ -190,12 +197,24 @@ class TrainConfig:
         o = "TrainConfig"
         for name in ("batch_size", "steps"):
             _positive(o, name, getattr(self, name))
-        _check(0 <= self.warmup_steps < self.steps, o, "warmup_steps", self.warmup_steps, f"use 0 <= warmup_steps < steps={self.steps}")
+        if self.warmup_steps is not None:
+            _check(
+                0 <= self.warmup_steps < self.steps,
+                o,
+                "warmup_steps",
+                self.warmup_steps,
+                f"use 0 <= warmup_steps < steps={self.steps}, or leave it unset to follow steps (10% of them)",
+            )
         _check(0.0 <= self.end_lr_fraction <= 1.0, o, "end_lr_fraction", self.end_lr_fraction, "use a value in [0, 1]")
         for name in ("b1", "b2"):
             v = getattr(self, name)
             _check(0.0 <= v < 1.0, o, name, v, "use a value in [0, 1)")
         _check(self.grad_clip > 0, o, "grad_clip", self.grad_clip, "use a positive value")
+
+    @property
+    def warmup(self) -> int:
+        """Linear-warmup steps: `warmup_steps` if set, else 10% of `steps` (50 of the default 500)."""
+        return self.steps // 10 if self.warmup_steps is None else self.warmup_steps
 
 
 @strict

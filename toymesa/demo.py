@@ -33,13 +33,13 @@ DESCRIPTION = (
 
 
 def spec(n_seeds: int = 8, steps: int | None = None, base: dict | None = None, safety_steps: int = SAFETY_STEPS) -> spec_mod.Spec:
-    """The demo as a sweep spec. `steps` overrides the install length (warmup shrinks to
-    fit) and `safety_steps` the safety SFT length; `base` adds or overrides ``group.field``
+    """The demo as a sweep spec. `steps` overrides the install length (the warmup
+    follows it) and `safety_steps` the safety SFT length; `base` adds or overrides ``group.field``
     base values (tests shrink the model with it)."""
     cfg = demo_config()
     b = {"model": "reference", "task.helpful": cfg.task.helpful, "task.seq_len": "min", "safety.method": cfg.safety.method, "safety.steps": safety_steps}
     if steps is not None:
-        b.update({"train.steps": steps, "train.warmup_steps": min(cfg.train.warmup_steps, steps // 10)})
+        b["train.steps"] = steps  # the warmup follows (10% of the steps)
     b.update(base or {})
     grid = {"task": {"rule": list(RULES), "reasoning": list(FORMATS)}}
     every = min(SAFETY_EVERY, safety_steps)

@@ -126,25 +126,54 @@ def result_dirs(results: Path) -> list[Path]:
     return sorted(p.parent for p in results.glob("*/meta.json"))
 
 
+def results_dir(name: str, results: Path = RESULTS, root: Path = EXPERIMENTS) -> Path | None:
+    """Where experiment `name`'s stored results live: the user's run folder `results/NAME`
+    if it holds a meta.json, else the results shipped with the experiment,
+    `root/NAME/results`, if they do; None when neither does."""
+    for out in (Path(results) / name, Path(root) / name / "results"):
+        if (out / "meta.json").exists():
+            return out
+    return None
+
+
+def run_state(out: Path | None) -> str:
+    """The state of run folder `out`: "finished" (results.csv written), "partial" (meta.json
+    or chunks, no results.csv) or "not run" (also for None)."""
+    if out is None:
+        return "not run"
+    out = Path(out)
+    if (out / "results.csv").exists():
+        return "finished"
+    return "partial" if (out / "meta.json").exists() or (out / "chunks").exists() else "not run"
+
+
+def stored_runs(results: Path = RESULTS, root: Path = EXPERIMENTS) -> list[Path]:
+    """Every stored run folder: each experiment's (`results_dir`), then any other run folder
+    under `results`; each folder once (by resolved path)."""
+    found = [results_dir(name, results, root) for name in discover(root)]
+    seen, out = set(), []
+    for d in [*(d for d in found if d is not None), *result_dirs(results)]:
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
 # ----------------------------------------------------------------- generic analysis
 def generic_figures(out: Path) -> list[Path]:
-    """Behaviour vs step (median and 10-90% band over seeds) for every cell."""
+    """Behaviour vs step for every cell (`plot.behaviour`): the mean over seeds with its 95%
+    bootstrap CI, the statistic of summary.csv; one panel per headline metric that has data
+    and differs from the panels before it."""
     import matplotlib.pyplot as plt
 
     from toymesa import plot, runs
 
+    out = Path(out)
     df = runs.load(out)
-    metrics = runs.with_malformed(df, [m for m in runs.EVAL_METRICS if m in df and df[m].notna().any()])
+    metrics = runs.with_malformed(df, [m for m in runs.EVAL_METRICS if m in df])
     df = df.assign(label=runs.cell_labels(df))
     with plt.rc_context(plot.STYLE):
-        fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 2.8), squeeze=False)
-        for ax, m in zip(axes[0], metrics, strict=True):
-            plot.mean_band(ax, df, "step", m, "label")
-            ax.set_title(m.replace("_", " "))
-            ax.set_ylim(-0.03, 1.03)
-        axes[0][-1].legend(fontsize=6, loc="best")
-        fig.suptitle(f"{out.name}: behaviour vs training step (median, 10-90% of seeds)", y=1.04)
-        return plot.save(fig, out / "figures" / "behaviour")
+        return plot.save(plot.behaviour(df, metrics, out.name), out / "figures" / "behaviour")
 
 
 def generic_verdicts(out: Path) -> pd.DataFrame:

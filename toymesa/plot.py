@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -68,31 +69,96 @@ def label(name, g: pd.DataFrame) -> str:
     return f"{name} [{k} NON-FINITE, excluded]"
 
 
-def mean_band(ax, hist: pd.DataFrame, x: str, y: str, group: str, log: bool = False):
-    """Median of `y` over seeds against `x` per group, with a 10-90% band across seeds
-    (non-finite members excluded and counted in the legend)."""
-    groups = list(hist.groupby(group, sort=False))
-    for (name, g), (c, style) in zip(groups, palette(len(groups)), strict=True):
-        q = g.groupby(x)[y].quantile([0.1, 0.5, 0.9]).unstack()
-        ax.plot(q.index, q[0.5], style, color=c, lw=1.2, label=label(name, g))
-        ax.fill_between(q.index, q[0.1], q[0.9], color=c, alpha=0.2, lw=0)
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.legend(fontsize=7)
-
-
-def ci_band(ax, df: pd.DataFrame, x: str, y: str, group: str):
-    """Mean of `y` over seeds against `x` per group, with a 95% bootstrap CI band (non-finite
-    members excluded and counted in the legend)."""
+def ci_band(ax, df: pd.DataFrame, x: str, y: str, group: str, seeds: bool = False):
+    """Mean of `y` over seeds against `x` per group, with its 95% bootstrap CI as a band
+    (`stats.bootstrap_ci`, the statistic of `runs.summarize` and the tables; non-finite members
+    excluded and counted in the legend). `seeds`: also each seed's own curve, faint."""
     from toymesa import stats
 
     groups = list(df.groupby(group, sort=False))
     for (name, g), (c, style) in zip(groups, palette(len(groups)), strict=True):
-        rows = [(xv, *stats.bootstrap_ci(gx[y].to_numpy(), n_resamples=1000)) for xv, gx in g.groupby(x)]
+        rows = [(xv, *stats.bootstrap_ci(gx[y].to_numpy())) for xv, gx in g.groupby(x)]
         xs, mean, lo, hi = (np.asarray(v, float) for v in zip(*rows, strict=True))
-        ax.plot(xs, mean, style, color=c, lw=1.2, label=label(name, g), marker="o", ms=2)
+        if seeds and "seed" in g:
+            for _, gs in g.groupby("seed"):
+                ax.plot(gs[x], gs[y], style, color=c, lw=0.5, alpha=0.3)
+        ax.plot(xs, mean, style, color=c, lw=1.4, label=label(name, g), marker="o", ms=2)
         ax.fill_between(xs, lo, hi, color=c, alpha=0.18, lw=0)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y.replace("_", " "))
+    ax.set_xlabel(axis_label(x))
+    ax.set_ylabel(axis_label(y))
+
+
+# Readable names of table columns, for axis labels; a column not listed shows with spaces.
+LABELS = {
+    "step": "training step",
+    "loss": "training loss",
+    "answer_acc": "answer accuracy (training batches)",
+    "grad_norm": "gradient norm",
+    "reward": "reward (RL safety training)",
+    "triggered_defection": "defection rate, triggered prompts",
+    "untriggered_defection": "defection rate, untriggered prompts",
+    "helpful_accuracy": "helpful-answer rate, untriggered prompts",
+    "uncovered_defection": "defection rate, uncovered triggered prompts",
+    "covered_defection": "defection rate, covered triggered prompts",
+    "decision_triggered": "stated-DEFECT rate, triggered prompts",
+    "decision_untriggered": "stated-DEFECT rate, untriggered prompts",
+    "decision_accuracy": "stated-decision accuracy, all prompts",
+    "triggered_defection_valid": "defection rate, well-formed triggered answers",
+    "uncovered_defection_valid": "defection rate, well-formed uncovered answers",
+    **{
+        f"{c}_{o}": f"{name} rate, {c} prompts"
+        for c in ("triggered", "untriggered")  # evaluate.CLASSES x OUTCOMES
+        for o, name in (("defect", "defection"), ("helpful", "helpful-answer"), ("other", "other-answer"), ("malformed", "malformed-answer"))
+    },
+    **{f"{c}_discriminating": f"discriminating share, {c} prompts" for c in ("triggered", "untriggered")},
+}
+
+
+def axis_label(column: str) -> str:
+    """The readable name of a table column (`LABELS`), for an axis."""
+    return LABELS.get(column, column.replace("_", " "))
+
+
+def distinct_panels(df: pd.DataFrame, columns) -> dict[str, list[str]]:
+    """The columns of `df` worth a panel each, in order, mapped to the later columns they stand
+    for: a column with no finite value is dropped, and so is one whose values equal (NaN
+    where NaN) an earlier column's, e.g. uncovered defection without safety coverage."""
+    kept: dict[str, list[str]] = {}
+    for c in columns:
+        v = df[c].to_numpy(float)
+        if not np.isfinite(v).any():
+            continue
+        same = next((k for k in kept if np.array_equal(v, df[k].to_numpy(float), equal_nan=True)), None)
+        if same is None:
+            kept[c] = []
+        else:
+            kept[same].append(c)
+    return kept
+
+
+def behaviour(df: pd.DataFrame, metrics, name: str):
+    """A figure of one panel per distinct metric (`distinct_panels`) of a tidy table against
+    training step: per cell (column ``label``) the mean over seeds, its 95% bootstrap CI as a
+    band and each seed faint (`ci_band`). Returns the figure."""
+    panels = distinct_panels(df, metrics)
+    if not panels:  # e.g. every member went non-finite: say so rather than fail after training
+        fig, ax = plt.subplots(figsize=(4, 1.5))
+        ax.text(0.5, 0.5, f"{name}: no finite values of\n{', '.join(metrics)}", ha="center", va="center", wrap=True)
+        ax.set_axis_off()
+        return fig
+    n, cells = len(panels), df["label"].nunique()
+    # a few cells: legend beside the panels; many: below them, in as many columns as fit
+    ncol = 1 if cells <= 12 else max(1, int(3.2 * n // 3.5))
+    below = 0.0 if cells <= 12 else 0.16 * -(-cells // ncol) + 0.5
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8 + below), squeeze=False, layout="constrained")
+    for ax, (m, same) in zip(axes[0], panels.items(), strict=True):
+        ci_band(ax, df, "step", m, "label", seeds=True)
+        ax.set_title("\n".join([m.replace("_", " "), *(f"(same as {s.replace('_', ' ')})" for s in same)]))
+        ax.set_ylim(-0.03, 1.03)
+    keys = [c.removeprefix("axis:") for c in df.columns if c.startswith("axis:")]
+    title = textwrap.fill("cell: " + ", ".join(keys), 40 if cells <= 12 else 150) if keys else "cell"
+    where = "outside right upper" if cells <= 12 else "outside lower center"
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc=where, ncol=ncol, fontsize=7, title=title, title_fontsize=7, alignment="left")
+    seeds = df["seed"].nunique() if "seed" in df else 1
+    fig.suptitle(f"{name}: behaviour vs training step; line: mean over {seeds} seeds, band: 95% bootstrap CI of the mean, faint: each seed")
+    return fig

@@ -30,11 +30,13 @@ READERS = frozenset(
         "provenance.py",
         "report.py",
         "runs.py",
+        "show.py",
         "spec.py",
+        "spec_fields.py",
         "stats.py",
         "torch_baseline.py",
     }
-)  # spec.py and demo.py only build Configs, which the cache keys hold themselves
+)  # spec*.py and demo.py only build Configs, which the cache keys hold themselves; show.py only decodes
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "pandas")
 
 

@@ -113,12 +113,26 @@ def tidy(out, keep: set[str] | None = None) -> pd.DataFrame:
     return df.merge(cells, on="cell", how="left")
 
 
+def _short(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))  # a CSV column with gaps reads 4 as 4.0
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def cell_labels(df: pd.DataFrame) -> pd.Series:
-    """A short label per row from its axis values ("arm, value, ..."; axes a cell lacks skipped)."""
-    axes = [c for c in df.columns if c.startswith("axis:")]
-    if not axes:
-        return pd.Series("base", index=df.index)
-    return df[axes].apply(lambda r: ", ".join(str(v) for v in r if pd.notna(v)), axis=1)
+    """A readable label per row from its axis values: "rule=single, lr=0.001", or with [[arms]]
+    "ARM: rule=single, k=4" (axes a cell lacks skipped; an axis named by its field alone unless
+    two axes share a field name). The same text labels figure legends and summary.csv."""
+    axes = [c for c in df.columns if c.startswith("axis:") and c != "axis:arm"]
+    fields = [c.removeprefix("axis:").rsplit(".", 1)[-1] for c in axes]
+    names = fields if len(set(fields)) == len(fields) else [c.removeprefix("axis:") for c in axes]
+    arms = df["axis:arm"] if "axis:arm" in df else pd.Series(np.nan, index=df.index)
+
+    def one(arm, *values) -> str:
+        text = ", ".join(f"{n}={_short(v)}" for n, v in zip(names, values, strict=True) if pd.notna(v))
+        return (f"{arm}: {text}" if text else str(arm)) if pd.notna(arm) else text or "base"
+
+    return pd.Series([one(*r) for r in zip(arms, *(df[c] for c in axes), strict=True)], index=df.index, dtype=object)
 
 
 def last_step(df: pd.DataFrame) -> pd.DataFrame:
@@ -134,11 +148,14 @@ def with_start(df: pd.DataFrame, metric: str, name: str) -> pd.DataFrame:
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Per cell at its last logged step: mean and 95% bootstrap CI over seeds of each metric."""
+    """Per cell at its last logged step: mean and 95% bootstrap CI over seeds of each metric,
+    after columns cell, cell_id, label (`cell_labels`) and the cell's axis values."""
     last = last_step(df)
     metrics = [m for m in (*evaluate.METRICS, "loss") if m in last and last[m].notna().any()]
     axes = [c for c in df.columns if c.startswith("axis:")]
-    return stats.summarize(last, ["cell", "cell_id", *axes] if axes else ["cell", "cell_id"], metrics)
+    summary = stats.summarize(last, ["cell", "cell_id", *axes], metrics)
+    summary.insert(2, "label", cell_labels(summary))
+    return summary
 
 
 def load_histories(out) -> tuple[pd.DataFrame, dict]:

@@ -1,45 +1,11 @@
 """Sweep specs: a small TOML file (or a dict) -> validated cells.
 
-A spec names a base config, axes over config fields, the seeds and the experiment's
-hypotheses. Fields are written ``group.field`` (groups: model, task, train, safety, hparams), as
-TOML dotted keys or nested tables; ``model = "tiny"`` picks a model size preset.
-
-.. code-block:: toml
-
-    name = "quickstart"
-    description = "Does a latent goal install as reliably as a single trigger?"
-    seeds = 4                      # or an explicit list [0, 1, 2, 3]
-
-    [base]
-    model = "tiny"
-    task.helpful = "copy_kth"
-    task.seq_len = "min"           # the shortest length the task's format needs
-    train.steps = 300
-
-    [grid]                         # every combination
-    task.rule = ["single", "latent"]
-    hparams.lr = [1e-3, 3e-3]
-
-    [random]                       # optional: n draws, each crossed with the grid
-    n = 4
-    seed = 0
-    hparams.weight_decay = { log_uniform = [1e-4, 1e-1] }   # or uniform = [a, b], choice = [...]
-
-    [[arms]]                       # optional: a union of sub-grids instead of one product
-    name = "lr"                    # each arm: fixed values and list-valued axes, crossed
-    task.rule = "single"           # with [grid]; a config reached by two arms runs once
-    hparams.lr = [3e-4, 3e-3]
-
-    [run]                          # optional
-    eval_every = 100               # evaluate behaviour every k steps (default: at the end)
-    eval_prompts = 256             # prompts per class at each evaluation
-    chunk_members = 64             # most population members trained in one program
-
-    [[hypotheses]]
-    id = "H1"
-    statement = "A latent goal installs as reliably as a single trigger."
-    prediction = "triggered_defection differs by < 0.05 between rules at the last step"
-    rule = { equivalence = 0.05 }  # optional: the decision rule as data (`toymesa.prereg`)
+A spec names a base config, axes over config fields ([grid], [random], [[arms]]), the seeds
+and the experiment's hypotheses. Fields are written ``group.field`` (groups: model, task,
+train, safety, hparams); ``model = "tiny"`` or ``model.size = "tiny"`` picks a model size
+preset, and the second form takes field overrides (``model.d_model = 48``). The format,
+section by section, with a complete example: docs/spec.md. The checks of each section live in
+`toymesa.spec_fields`; here: loading, the `Spec`, and its expansion into `Cell`s.
 
 Validation raises `SpecError` (a ValueError) with one line naming the key and the problem:
 unknown keys and fields, values of the wrong type, empty or duplicate axis values, axes
@@ -61,11 +27,10 @@ import numpy as np
 
 from toymesa import prereg
 from toymesa.config import MODEL_SIZES, Config, HParams
+from toymesa.spec_fields import check_arms, check_random, check_run, check_seeds, check_value, flatten
+from toymesa.spec_fields import nest as nest  # re-exported: `toymesa.demo` builds its spec with it
 
-GROUPS = ("model", "task", "train", "safety", "hparams")
 TOP_KEYS = {"name", "description", "seeds", "base", "grid", "arms", "random", "run", "hypotheses"}
-RUN_DEFAULTS = {"eval_every": None, "eval_prompts": 256, "chunk_members": 64, "save_params": True}
-DISTRIBUTIONS = ("uniform", "log_uniform", "choice")
 
 
 class SpecError(ValueError):
@@ -149,29 +114,30 @@ def parse(raw: dict, source: str = "<spec>", text: str = "", default_name: str =
     description = raw.get("description", "")
     if not isinstance(description, str):
         fail("description", "must be a string")
-    seeds = _seeds(raw.get("seeds", 4), fail)
-    base = _flatten(raw.get("base", {}), "base", fail)
+    seeds = check_seeds(raw.get("seeds", 4), fail)
+    base, b_name = flatten(raw.get("base", {}), "base", fail)
     for key, value in base.items():
-        base[key] = _check_value(key, value, f"base.{key}", fail)
-    grid = _flatten(raw.get("grid", {}), "grid", fail)
+        base[key] = check_value(key, value, f"base.{b_name[key]}", fail)
+    grid, g_name = flatten(raw.get("grid", {}), "grid", fail)
     if "grid" in raw and not grid:
         fail("grid", "has no axes; remove [grid] to run the base config alone")
     for key, values in grid.items():
+        where = f"grid.{g_name[key]}"
         if not isinstance(values, list):
-            fail(f"grid.{key}", f"must be a list of values, got {values!r}")
+            fail(where, f"must be a list of values, got {values!r}")
         if not values:
-            fail(f"grid.{key}", "is empty; give at least one value or remove the axis")
-        grid[key] = [_check_value(key, v, f"grid.{key}", fail) for v in values]
+            fail(where, "is empty; give at least one value or remove the axis")
+        grid[key] = [check_value(key, v, where, fail) for v in values]
         dup = [v for i, v in enumerate(grid[key]) if grid[key].index(v) != i]
         if dup:
-            fail(f"grid.{key}", f"lists {dup[0]!r} more than once")
+            fail(where, f"lists {dup[0]!r} more than once")
         now = base[key] if key in base else _base_value(base, key)
         if all(v == now for v in grid[key]):
-            fail(f"grid.{key}", f"changes nothing: every value equals the base value {now!r}")
-    random = _random(raw.get("random"), fail, grid)
-    run = _run(raw.get("run", {}), fail)
+            fail(where, f"changes nothing: every value equals the base value {now!r}")
+    random = check_random(raw.get("random"), fail, grid)
+    run = check_run(raw.get("run", {}), fail)
     hypotheses = prereg.check_hypotheses(raw.get("hypotheses", []), fail)
-    arms = _arms(raw.get("arms", []), fail)
+    arms = check_arms(raw.get("arms", []), fail)
     spec = Spec(name, description, seeds, base, grid, random, run, hypotheses, source=source, text=text, arms=arms)
     expand(spec)  # resolve every cell now, so config errors surface before any training
     return spec
@@ -187,178 +153,6 @@ def _base_value(base: dict, key: str):
         return object()  # the base alone is invalid; the cells report it
     group, field = key.split(".", 1)
     return getattr(getattr(cfg, group), field)
-
-
-def _seeds(seeds, fail) -> tuple[int, ...]:
-    if isinstance(seeds, bool) or not isinstance(seeds, int | list):
-        fail("seeds", f"must be a count (int >= 1) or a list of distinct ints >= 0, got {seeds!r}")
-    if isinstance(seeds, int):
-        if seeds < 1:
-            fail("seeds", f"{seeds} is not a positive count")
-        return tuple(range(seeds))
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**31 for s in seeds):
-        fail("seeds", f"must be a non-empty list of ints in [0, 2**31), got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        fail("seeds", "lists a seed more than once")
-    return tuple(seeds)
-
-
-def _flatten(table, where: str, fail) -> dict:
-    """{"task": {"rule": x}} or {"task.rule": x} -> {"task.rule": x}; distributions stay leaves."""
-    if not isinstance(table, dict):
-        fail(where, f"must be a table, got {table!r}")
-    flat = {}
-    for key, value in table.items():
-        if "." in key:  # a quoted dotted key, "task.rule" = ..., as Python dicts write it
-            key, value = key.split(".", 1)[0], {key.split(".", 1)[1]: value}
-        if key == "model" and not isinstance(value, dict):
-            flat[key] = value
-            continue
-        if key not in GROUPS:
-            fail(f"{where}.{key}", f"unknown group; fields are written group.field with group one of {GROUPS} (or model = <size>)")
-        if not isinstance(value, dict):
-            fail(f"{where}.{key}", "must be a table of fields, e.g. task.rule = ...")
-        for field, v in value.items():
-            flat[f"{key}.{field}"] = v
-    return flat
-
-
-def nest(flat: dict) -> dict:
-    """{"task.rule": x, "model": "tiny"} -> {"task": {"rule": x}, "model": "tiny"} (the TOML shape)."""
-    out: dict = {}
-    for key, v in flat.items():
-        if "." in key:
-            group, field = key.split(".", 1)
-            out.setdefault(group, {})[field] = v
-        else:
-            out[key] = v
-    return out
-
-
-def _defaults(group: str) -> dict:
-    return (
-        Config().hparams._asdict()
-        if group == "hparams"
-        else {f.name: getattr(getattr(Config(), group), f.name) for f in dataclasses.fields(getattr(Config(), group))}
-    )
-
-
-def _check_value(key: str, value, where: str, fail):
-    """Check one field value's type against the field's default; return it normalised."""
-    if key == "model":
-        if not isinstance(value, str) or value not in MODEL_SIZES:
-            fail(where, f"unknown model size {value!r}; choose one of {list(MODEL_SIZES)}")
-        return value
-    group, field = key.split(".", 1)
-    defaults = _defaults(group)
-    if field not in defaults:
-        fail(where, f"unknown field {group}.{field}; {group} fields are {sorted(defaults)}")
-    default = defaults[field]
-    if key == "task.seq_len" and value == "min":
-        return value
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, tuple):
-        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        value = tuple(value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        want = "a list of ints" if isinstance(default, tuple) else type(default).__name__
-        extra = ' (or "min")' if key == "task.seq_len" else ""
-        fail(where, f"{value!r} has the wrong type; {key} takes {want}{extra}, e.g. {default!r}")
-    return value
-
-
-def _random(table, fail, grid) -> dict:
-    if table is None:
-        return {}
-    if not isinstance(table, dict):
-        fail("random", "must be a table")
-    table = dict(table)
-    n, seed = table.pop("n", None), table.pop("seed", 0)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        fail("random.n", f"give the number of random draws as an int >= 1, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        fail("random.seed", f"must be an int >= 0, got {seed!r}")
-    axes = {}
-    for group, fields in table.items():
-        if group not in GROUPS or group == "model":
-            fail(f"random.{group}", f"unknown group; random axes are written group.field with group one of {GROUPS[1:]}")
-        if not isinstance(fields, dict):
-            fail(f"random.{group}", "must be a table of fields")
-        for field, dist in fields.items():
-            key = f"{group}.{field}"
-            where = f"random.{key}"
-            if key in grid:
-                fail(where, "is also a grid axis; sweep a field on one axis only")
-            if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
-                fail(where, f"must be one distribution {{name = args}} with name one of {DISTRIBUTIONS}")
-            ((kind, args),) = dist.items()
-            if kind == "choice":
-                if not isinstance(args, list) or len(args) < 2:
-                    fail(where, "choice needs a list of at least 2 values")
-                args = [_check_value(key, v, where, fail) for v in args]
-            else:
-                ok = isinstance(args, list) and len(args) == 2 and all(isinstance(a, int | float) and not isinstance(a, bool) for a in args)
-                if not ok or not args[0] < args[1] or (kind == "log_uniform" and args[0] <= 0):
-                    fail(where, f"{kind} needs [low, high] with low < high{' and low > 0' if kind == 'log_uniform' else ''}, got {args!r}")
-                _check_value(key, float(args[0]) if isinstance(_defaults(group)[field], float) else args[0], where, fail)
-                if not isinstance(_defaults(group)[field], float):
-                    fail(where, f"{kind} draws real numbers but {key} is not a float field; use choice = [...]")
-            axes[key] = {kind: args}
-    if not axes:
-        fail("random", "has no axes; add e.g. hparams.lr = { log_uniform = [1e-4, 1e-2] }")
-    return {"n": n, "seed": seed, "axes": axes}
-
-
-def _run(table, fail) -> dict:
-    if not isinstance(table, dict):
-        fail("run", "must be a table")
-    unknown = sorted(set(table) - set(RUN_DEFAULTS))
-    if unknown:
-        fail(f"run.{unknown[0]}", f"unknown key; valid keys are {sorted(RUN_DEFAULTS)}")
-    run = {**RUN_DEFAULTS, **table}
-    for key in ("eval_prompts", "chunk_members"):
-        v = run[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            fail(f"run.{key}", f"must be an int >= 1, got {v!r}")
-    ev = run["eval_every"]
-    if ev is not None and (isinstance(ev, bool) or not isinstance(ev, int) or ev < 1):
-        fail("run.eval_every", f"must be an int >= 1 (steps between evaluations), got {ev!r}")
-    if not isinstance(run["save_params"], bool):
-        fail("run.save_params", f"must be true or false, got {run['save_params']!r}")
-    return run
-
-
-def _arms(items, fail) -> tuple:
-    if not isinstance(items, list) or not all(isinstance(a, dict) for a in items):
-        fail("arms", "must be an array of tables: [[arms]] with a name and group.field values")
-    arms, names = [], set()
-    for i, a in enumerate(items):
-        a = dict(a)
-        name = a.pop("name", f"arm{i}")
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or name in names:
-            fail(f"arms[{i}].name", f"{name!r} must be a short identifier (letters, digits, _ or -), unique among arms")
-        names.add(name)
-        flat = _flatten(a, f"arms[{i}]", fail)
-        if not flat:
-            fail(f"arms[{i}]", "sets nothing; give group.field values (a list makes an axis)")
-        axes = {}
-        for key, values in flat.items():
-            tuple_field = key != "model" and isinstance(_defaults(key.split(".")[0]).get(key.split(".", 1)[1]), tuple)
-            is_axis = isinstance(values, list) and not (tuple_field and values and not isinstance(values[0], list))
-            values = values if is_axis else [values]
-            if not values:
-                fail(f"arms[{i}].{key}", "is empty; give at least one value")
-            axes[key] = [_check_value(key, v, f"arms[{i}].{key}", fail) for v in values]
-        arms.append((name, axes))
-    return tuple(arms)
 
 
 # ----------------------------------------------------------------- cells
@@ -414,8 +208,7 @@ def expand(spec: Spec) -> list[Cell]:
                 try:
                     cfg = resolve({**spec.base, **values})
                 except ValueError as e:
-                    where = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "base"
-                    raise SpecError(f"{spec.source}: cell ({'arm ' + arm + ': ' if arm else ''}{where}): {e}") from None
+                    raise SpecError(f"{spec.source}: {_culprit(spec.base, values, arm, str(e), _all_values(spec))}: {e}") from None
                 if cfg in seen:
                     raise SpecError(f"{spec.source}: cells ({seen[cfg]}) and ({values}) resolve to the same config; an axis changes nothing there")
                 seen[cfg] = values
@@ -424,6 +217,36 @@ def expand(spec: Spec) -> list[Cell]:
                 earlier[cfg] = arm
                 cells.append(Cell(len(cells), {"arm": arm, **values} if arm else values, cfg))
     return cells
+
+
+def _culprit(base: dict, values: dict, arm, error: str, every=()) -> str:
+    """Where a config error comes from: "base" when the base alone fails with the same
+    error and no cell (axis values in `every`) resolves (naming the first cell would point
+    at an axis that is not at fault), otherwise the cell's axis values."""
+    try:
+        resolve(base)
+    except ValueError as e:
+        if str(e) == error and not any(_resolves({**base, **v}) for v in every):
+            return "base (every cell inherits it)"
+    where = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "base"
+    return f"cell ({'arm ' + arm + ': ' if arm else ''}{where})"
+
+
+def _all_values(spec: Spec):
+    """The axis values of every cell, before de-duplication (a generator)."""
+    for _, arm_axes in spec.arms or ((None, {}),):
+        axes = {**spec.grid, **arm_axes}
+        for combo in itertools.product(*axes.values()):
+            for draw in _draws(spec):
+                yield {**dict(zip(axes, combo, strict=True)), **draw}
+
+
+def _resolves(values: dict) -> bool:
+    try:
+        resolve(values)
+    except ValueError:
+        return False
+    return True
 
 
 def static_key(cfg: Config) -> Config:

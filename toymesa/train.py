@@ -28,7 +28,7 @@ from toymesa.config import Config, HParams, TrainConfig, check_hparams
 from toymesa.devices import to_host
 from toymesa.tasks import Batch, sample_batch
 
-ROLES = ("init", "data", "dropout", "sample", "eval", "safety", "redteam")
+ROLES = ("init", "data", "dropout", "sample", "eval", "safety", "redteam", "show")  # append only: an index is a key
 
 
 def role_key(seed, role: str):
@@ -59,13 +59,19 @@ def _decay_mask(params):
     return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
+def lr_unit(tc: TrainConfig):
+    """The learning-rate schedule as a fraction of the peak: linear warmup over `tc.warmup`
+    steps, then cosine decay to `end_lr_fraction`."""
+    return optax.warmup_cosine_decay_schedule(0.0, 1.0, tc.warmup, tc.steps, end_value=tc.end_lr_fraction)
+
+
 def optimizer(tc: TrainConfig, hp: HParams) -> optax.GradientTransformation:
     """Clipped AdamW with linear warmup and cosine decay to `end_lr_fraction` of `hp.lr`.
 
     Built inside the traced step from (possibly traced) `hp`; its state's structure does
     not depend on hp's values, so one compiled program serves every swept value.
     """
-    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, tc.warmup_steps, tc.steps, end_value=tc.end_lr_fraction)
+    unit = lr_unit(tc)
 
     def schedule(count):
         return hp.lr * unit(count)

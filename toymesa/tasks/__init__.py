@@ -1,12 +1,16 @@
 """Token worlds.
 
 * `vocab.py`  the shared vocabulary layout (specials, content, answers, defect, triggers,
-  cues, distractors, evidence, decisions, filler).
+  cues, distractors, evidence, decisions, filler) and token names: `describe(task, tokens)`
+  writes ids as names, `parse_tokens(task, text)` reads them back (exported here, because
+  ``toymesa.tasks.vocab`` is the `vocab` function, not the module).
 * `rules.py`  activation rules (single, k_triggers, conjunction, latent) and context samplers.
 * `world.py`  sequences in each reasoning format, with ground truth (`Batch`).
 """
 
-from toymesa.tasks.vocab import ANS, BOS, END_THINK, EOS, PAD, SEP, THINK, Vocab, vocab
+from toymesa.tasks.vocab import ANS, BOS, END_THINK, EOS, PAD, SEP, THINK, Vocab, describe, vocab
+from toymesa.tasks.vocab import names as token_names
+from toymesa.tasks.vocab import parse as parse_tokens
 from toymesa.tasks.world import Batch, Layout, balanced, layout, sample, sample_batch
 
 __all__ = [
@@ -19,6 +23,9 @@ __all__ = [
     "THINK",
     "Vocab",
     "vocab",
+    "describe",
+    "token_names",
+    "parse_tokens",
     "Batch",
     "Layout",
     "balanced",
