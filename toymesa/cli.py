@@ -363,7 +363,11 @@ def list_cmd():
         s = exp.spec()
         where = experiment.results_dir(name, RESULTS)
         state = experiment.run_state(where)
-        console.print(f"{name}  {len(s.cells())} cells x {len(s.seeds)} seeds  results: {where or RESULTS / name} ({state})", style="bold")
+        shown = where or RESULTS / name
+        if shown.is_absolute() and shown.is_relative_to(Path.cwd()):
+            shown = shown.relative_to(Path.cwd())  # as the user would type it
+        # soft_wrap: a long path stays one line (copyable), whatever the console width
+        console.print(f"{name}  {len(s.cells())} cells x {len(s.seeds)} seeds  results: {shown} ({state})", style="bold", soft_wrap=True)
         console.print(f"    {' '.join(s.description.split())}")
 
 
