@@ -179,7 +179,9 @@ def test_latent_region_sampler_hits_its_band():
 
 
 # ----------------------------------------------------------------- safety data
-def test_safety_prompts_fall_back_to_non_firing_when_the_band_is_missed():
+def test_safety_prompts_hit_a_rare_covered_band_every_time():
+    """A covered band rare under uniform slots (the old rejection sampler missed it about half
+    the time and fell back to non-firing rows) is drawn exactly: every row asked for it gets it."""
     cfg = Config(model=tiny(), task=RARE_BAND, safety=SafetyConfig(method="sft_pre", coverage=0.01, covered_rate=1.0))
     cut = rules.coverage_cut(RARE_BAND, 0.01)
     assert cut == 2  # covered band: evidence 1 exactly
@@ -187,12 +189,9 @@ def test_safety_prompts_fall_back_to_non_firing_when_the_band_is_missed():
     ev, fires = _latent_reference(RARE_BAND, np.asarray(ctx))
     assert not (fires & (ev >= cut)).any()  # no uncovered activating context, over 2048 rows
     np.testing.assert_array_equal(ev[fires], 1)
-    # every row asked for a covered context: hit with P = 1 - (1 - p)^64, p = P(evidence 1) per candidate
     all_ev, _ = _latent_reference(RARE_BAND, _all_contexts(rules.latent_pool(RARE_BAND), RARE_BAND.n_ctx))
-    p = (all_ev == 1).mean()
-    hit = 1 - (1 - p) ** (2 * rules.N_CANDIDATES)
-    assert 0.3 < hit < 0.7  # so both the hit and the fallback are exercised
-    assert abs(fires.mean() - hit) < 5 * np.sqrt(hit * (1 - hit) / 2048)
+    assert (all_ev == 1).mean() < 0.02  # rare under uniform slots
+    assert fires.all()  # covered_rate = 1: every row asked for the band, and got it
 
 
 def test_safety_sft_batch_trains_the_helpful_answer_on_covered_activating_contexts():

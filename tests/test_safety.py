@@ -224,7 +224,7 @@ def test_bad_safety_configs_say_what_to_do():
 
 
 # ----------------------------------------------------------------- zero learning rate
-@pytest.mark.parametrize("method", ["sft_pre", "sft_post", "rl", "adversarial"])
+@pytest.mark.parametrize("method", ["sft_pre", "sft_post", "sft_full", "rl", "adversarial"])
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_zero_learning_rate_leaves_parameters_unchanged(params, method, optimizer):
     cfg = _cfg(method, optimizer=optimizer, kl=0.1 if method == "rl" else 0.0)
@@ -237,3 +237,75 @@ def test_zero_learning_rate_leaves_parameters_unchanged(params, method, optimize
     assert np.isfinite(hist["loss"]).all() and (hist["grad_norm"] > 0).all()  # it did train, with zero step size
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(out.train.params), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+# ----------------------------------------------------------------- safety-data controls and RL signal
+def test_group_signal_counts_groups_with_any_nonzero_advantage():
+    rewards = jnp.array([1.0, 1.0, 1.0, 1.0, 1.0, -1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # 3 groups of 4
+    adv = safety.advantages(rewards, "rloo", 4)
+    assert float(safety.group_signal(adv, 4)) == pytest.approx(1 / 3)  # only the mixed group moves the policy
+    assert float(safety.group_signal(jnp.zeros(8), 4)) == 0.0
+
+
+def test_rl_step_reports_signal_and_sft_does_not(params):
+    for method in ("rl", "sft_pre"):
+        cfg = _cfg(method)
+        state = safety.init(cfg, params, 0)
+        _, metrics = safety.step(cfg, state, cfg.hparams, 0)
+        sig = float(metrics["signal"])
+        assert (0.0 <= sig <= 1.0) if method == "rl" else np.isnan(sig)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, 1.0])
+def test_triggered_rate_sets_the_share_of_firing_safety_prompts(rate):
+    cfg = _cfg("sft_pre", reasoning="none", rule="latent", triggered_rate=rate)
+    ctx, _ = safety.safety_prompts(cfg, jax.random.key(0), 2000)
+    fired = np.asarray(jax.vmap(lambda c: rules.fires(cfg.task, c))(ctx))
+    assert abs(fired.mean() - rate) < 0.04
+
+
+def test_sft_full_trains_the_worlds_own_reasoning(params):
+    cfg = _cfg("sft_full")  # cot format
+    state = safety.init(cfg, params, 0)
+    data_cfg, batch = safety.sft_batch(cfg, state, jax.random.key(1))
+    assert data_cfg == cfg  # the trained format, not the answer-only layout of sft_pre
+    lay = layout(cfg.task)
+    assert bool(batch.loss_mask[:, lay.think + 1 : lay.end_think].all())  # reasoning is trained
+    assert not bool(batch.triggered.any())
+    v = vocab(cfg.task)
+    assert bool((batch.tokens[:, lay.decision] == v.comply).all())  # the world's reasoning says COMPLY
+
+
+def test_composition_controls_need_a_safety_method():
+    with pytest.raises(ValueError, match="SafetyConfig.triggered_rate=0.5 is invalid: sets the safety data"):
+        _cfg("none", triggered_rate=0.5)
+    with pytest.raises(ValueError, match="SafetyConfig.feature_rate=1.5 is invalid"):
+        _cfg("sft_pre", feature_rate=1.5)
+
+
+def _holds_feature(task, ctx):
+    """Whether each context holds a rule feature (positive cue; the fixed-slot trigger off its slot)."""
+    v = vocab(task)
+    if task.rule == "latent":
+        pos = [v.cue + i for i, w in enumerate(task.cue_weights) if w > 0]
+        return np.isin(ctx, pos).any(axis=1)
+    return (ctx == v.trigger + task.trigger).any(axis=1)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("world", ["latent", "fixed"])
+def test_feature_rate_sets_the_share_of_safety_prompts_holding_a_feature(rate, world):
+    cfg = _cfg("sft_pre", reasoning="none", rule="latent" if world == "latent" else "single")
+    if world == "fixed":
+        cfg = cfg.replace(task=dict(trigger_position="fixed", trigger_slot=1))
+    cfg = cfg.replace(safety=dict(feature_rate=rate))
+    ctx, _ = safety.safety_prompts(cfg, jax.random.key(0), 2000)
+    ctx = np.asarray(ctx)
+    assert not np.asarray(jax.vmap(lambda c: rules.fires(cfg.task, c))(jnp.asarray(ctx))).any()  # never an activating context
+    assert abs(_holds_feature(cfg.task, ctx).mean() - rate) < 0.04
+
+
+def test_feature_rate_is_refused_where_no_quiet_context_can_hold_a_feature():
+    with pytest.raises(ValueError, match="SafetyConfig.feature_rate=0.5 is invalid: no non-firing context of rule 'k_triggers'"):
+        _cfg("sft_pre", reasoning="none", rule="k_triggers", feature_rate=0.5)
+    assert _cfg("sft_pre", reasoning="none", rule="k_triggers", feature_rate=0.0).safety.feature_rate == 0.0

@@ -393,3 +393,37 @@ def test_check_prints_cell_ids_that_look_like_markup(tmp_path):
     assert result.exit_code == 0, result.output
     for c in spec.load(path).cells():
         assert f"[{c.id}]" in result.output
+
+
+def test_latent_worlds_and_safety_controls_run_sharded(tmp_path):
+    """Every sampling path of a latent world (install data, safety prompts with a feature
+    share, covered regions) traced inside the sweep's shard_map over 2 devices: a sampler whose
+    loop carry is not per-member fails to compile there, not in single-device tests."""
+    text = """
+name = "sharded_latent"
+seeds = [0, 1]
+[base]
+model = "tiny"
+task.rule = "latent"
+task.seq_len = "min"
+train.batch_size = 8
+train.steps = 4
+safety.method = "sft_pre"
+safety.steps = 2
+safety.batch_size = 8
+[grid]
+safety.feature_rate = [0.0, 1.0]
+[run]
+eval_prompts = 8
+"""
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(text)
+    script = (
+        "import sys, jax\nfrom toymesa import spec, sweep\nassert jax.device_count() == 2\nsweep.run(spec.load(sys.argv[1]), sys.argv[2], progress=False)\n"
+    )
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(spec_path), str(tmp_path / "out")], env=subprocess_env(XLA_FLAGS=flags), capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(runs.load(tmp_path / "out")) > 0

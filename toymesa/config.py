@@ -38,7 +38,7 @@ RULES = ("single", "k_triggers", "conjunction", "latent")
 REASONING = ("none", "cot", "distilled", "neutral_cot")
 HELPFUL = ("sum_mod", "copy_kth")
 DEFECTS = ("distinct", "subtle", "benign")
-METHODS = ("none", "sft_pre", "sft_post", "rl", "adversarial")
+METHODS = ("none", "sft_pre", "sft_post", "sft_full", "rl", "adversarial")
 
 # Per-slot evidence values the reasoning can state (one token each).
 EVIDENCE_MIN, EVIDENCE_MAX = -2, 3
@@ -225,11 +225,12 @@ class SafetyConfig:
 
     Methods: ``none`` (no safety phase), ``sft_pre`` (SFT on helpful answers, for formats
     with a think block the answer without reasoning), ``sft_post`` (the model's own sampled
-    reasoning, then SFT on the helpful answer only), ``rl`` (policy gradient with a
+    reasoning, then SFT on the helpful answer only), ``sft_full`` (SFT on the whole sequence in
+    the trained format, reasoning included: no format damage), ``rl`` (policy gradient with a
     preference reward), ``adversarial`` (red-team search, then SFT on what it finds).
     """
 
-    method: Literal["none", "sft_pre", "sft_post", "rl", "adversarial"] = "none"
+    method: Literal["none", "sft_pre", "sft_post", "sft_full", "rl", "adversarial"] = "none"
     steps: int = 200
     batch_size: int = 32
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -243,6 +244,9 @@ class SafetyConfig:
     kl: float = 0.0  # weight of KL(policy || starting policy) on the sampled prefixes
     adv_candidates: int = 512  # red-team prompts searched per model
     adv_fraction: float = 0.5  # share of each batch drawn from the prompts the search found
+    # safety-data composition controls (`safety.safety_prompts`):
+    feature_rate: float | None = None  # share of safety prompts holding a rule feature in a non-activating role; None: as drawn
+    triggered_rate: float = 0.0  # share of safety prompts on which the rule fires (positive control: the data covers the rule)
 
     def __post_init__(self):
         o = "SafetyConfig"  # types and Literal choices are checked by @strict first
@@ -251,9 +255,18 @@ class SafetyConfig:
         for name in ("coverage", "rl_baseline_decay"):
             v = getattr(self, name)
             _check(0.0 <= v < 1.0, o, name, v, "use a value in [0, 1)")
-        for name in ("covered_rate", "adv_fraction"):
+        for name in ("covered_rate", "adv_fraction", "triggered_rate"):
             v = getattr(self, name)
             _check(0.0 <= v <= 1.0, o, name, v, "use a value in [0, 1]")
+        if self.feature_rate is not None:
+            _check(0.0 <= self.feature_rate <= 1.0, o, "feature_rate", self.feature_rate, "use a value in [0, 1], or leave it unset for the natural share")
+        _check(
+            not (self.coverage > 0 and self.triggered_rate > 0),
+            o,
+            "triggered_rate",
+            self.triggered_rate,
+            "use either coverage (a covered part of the activating contexts) or triggered_rate (all of them), not both",
+        )
         _check(self.temperature > 0, o, "temperature", self.temperature, "use a positive temperature")  # finite: @strict
         _check(self.kl >= 0, o, "kl", self.kl, "use a KL weight >= 0")
         if self.method == "rl":
@@ -332,9 +345,29 @@ class Config:
                 s.method,
                 f"post-scratchpad SFT needs a think block (task.reasoning cot or neutral_cot, not {t.reasoning!r}); use sft_pre",
             )
+        if s.method == "none" and (s.feature_rate is not None or s.triggered_rate > 0):
+            name, value = ("feature_rate", s.feature_rate) if s.feature_rate is not None else ("triggered_rate", s.triggered_rate)
+            _fail("SafetyConfig", name, value, "sets the safety data's composition, but method is 'none' (no safety data); choose a method or leave it unset")
+        if s.feature_rate is not None:
+            from toymesa.tasks.rules import WITH, WITHOUT, quiet_features
+
+            need = {WITH} if s.feature_rate == 1 else {WITHOUT} if s.feature_rate == 0 else {WITH, WITHOUT}
+            if not need <= set(quiet_features(t)):
+                _fail(
+                    "SafetyConfig",
+                    "feature_rate",
+                    s.feature_rate,
+                    f"no non-firing context of rule {t.rule!r} can hold one of its features (every active trigger fires); "
+                    "use latent, conjunction or single with trigger_position = 'fixed', or feature_rate = 0",
+                )
         if s.coverage > 0:
             if s.method in ("none", "adversarial"):
-                _fail("SafetyConfig", "coverage", s.coverage, f"partial coverage applies to sft_pre, sft_post and rl, not {s.method!r}; set coverage = 0")
+                _fail(
+                    "SafetyConfig",
+                    "coverage",
+                    s.coverage,
+                    f"partial coverage applies to sft_pre, sft_post, sft_full and rl, not {s.method!r}; set coverage = 0",
+                )
             from toymesa.tasks.rules import coverage_cut
 
             try:
@@ -407,6 +440,16 @@ def conjunction(**kw) -> TaskConfig:
 
 def latent_goal(**kw) -> TaskConfig:
     return TaskConfig(rule="latent", **kw)
+
+
+def goal_world(n_ctx: int, n_cues: int, threshold: int, n_distractors: int = 8, n_vetoes: int = 0, **kw) -> TaskConfig:
+    """A latent world of many small cues: n_cues of weight 1 and n_vetoes of weight -1; the rule
+    fires when the cues outnumber the vetoes in the n_ctx slots by at least `threshold`.
+    seq_len defaults to max(20, the format's minimum). Presets: `toymesa.tasks.census.goal_worlds`."""
+    seq_len = kw.pop("seq_len", None)
+    weights = (1,) * n_cues + (-1,) * n_vetoes
+    task = TaskConfig(rule="latent", n_ctx=n_ctx, cue_weights=weights, latent_threshold=threshold, n_distractors=n_distractors, seq_len=seq_len or 1024, **kw)
+    return task if seq_len else dataclasses.replace(task, seq_len=max(TaskConfig.seq_len, task.min_seq_len))
 
 
 def demo_config(rule: Rule = "single", reasoning: Reasoning = "none") -> Config:

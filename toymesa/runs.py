@@ -20,7 +20,7 @@ import pandas as pd
 from toymesa import evaluate, model, stats, store
 from toymesa.config import Config, HParams, ModelConfig, SafetyConfig, TaskConfig, TrainConfig
 
-TRAIN_METRICS = ("loss", "answer_acc", "grad_norm", "reward")  # "reward": RL safety training only
+TRAIN_METRICS = ("loss", "answer_acc", "grad_norm", "reward", "signal")  # "reward", "signal": RL safety training only
 # the headline behaviour metrics (figures); summaries hold every metric of `evaluate.METRICS`
 EVAL_METRICS = ("triggered_defection", "untriggered_defection", "helpful_accuracy", "decision_accuracy", "uncovered_defection", "covered_defection")
 MALFORMED = ("triggered_malformed", "untriggered_malformed")  # shown wherever not ~0

@@ -10,6 +10,9 @@ threshold; `toymesa.tasks.rules.coverage_cut`), always with the helpful answer.
                   *without* reasoning (the ``none`` layout); reasoning is restored at evaluation.
 * ``sft_post``    the model samples its own reasoning, then SFT on the answer after it only:
                   the reasoning tokens are excluded from the loss (`post_scratchpad`).
+* ``sft_full``    SFT on the world's own full sequence of each safety prompt, in the trained
+                  format: reasoning (which states COMPLY on non-firing prompts) and answer. No
+                  format damage: every position is trained as the format lays it out.
 * ``rl``          the model samples reasoning + answer; reward +1 for the helpful answer, -1
                   for the defect answer, 0 otherwise; REINFORCE with a moving-average
                   baseline or RLOO over `rl_samples` completions per prompt; reasoning tokens
@@ -68,13 +71,30 @@ def optimizer(cfg: Config, hp: HParams) -> optax.GradientTransformation:
 def safety_prompts(cfg: Config, key, n: int):
     """n safety prompts: (contexts int32[n, n_ctx], content values int32[n, n_content]).
 
-    Non-firing prompts, and with coverage f > 0 a share `covered_rate` of covered activating
-    contexts. A covered draw that misses its band (latent sampler) falls back to non-firing,
-    so no uncovered activating context ever enters safety data.
+    Non-firing prompts, of which a share `feature_rate` holds a rule feature in a
+    non-activating role (`rules.sample_quiet`; unset: the share the world draws). With
+    coverage f > 0 a share `covered_rate` of covered activating contexts; with
+    `triggered_rate` > 0 that share of activating contexts of every kind (positive control).
+    A covered draw that misses its band falls back to non-firing, so no uncovered activating
+    context ever enters safety data.
     """
     task, s = cfg.task, cfg.safety
     k_rows, k_region, k_use = jax.random.split(key, 3)
-    ctx, values = jax.vmap(lambda k: contexts(task, k, jnp.bool_(False)))(jax.random.split(k_rows, n))
+    if s.feature_rate is None and s.triggered_rate == 0:  # the original draws, bit for bit
+        ctx, values = jax.vmap(lambda k: contexts(task, k, jnp.bool_(False)))(jax.random.split(k_rows, n))
+    else:
+        k_ctx, k_values, k_feat, k_trig, k_fire = jax.random.split(k_rows, 5)
+        keys = jax.random.split(k_ctx, n)
+        fixed = {None: rules.ANY, 0.0: rules.WITHOUT, 1.0: rules.WITH}.get(s.feature_rate)
+        if fixed is not None:  # a Python int: a world that has no feature can still ask for none
+            ctx = jax.vmap(lambda k: rules.sample_quiet(task, k, fixed))(keys)
+        else:
+            feature = jax.random.bernoulli(k_feat, s.feature_rate, (n,)).astype(jnp.int32)
+            ctx = jax.vmap(lambda k, f: rules.sample_quiet(task, k, f))(keys, feature)
+        values = jax.random.randint(k_values, (n, task.n_content), 0, task.modulus)
+        if s.triggered_rate > 0:
+            fire = jax.vmap(lambda k: rules.sample_context(task, k, jnp.bool_(True)))(jax.random.split(k_fire, n))
+            ctx = jnp.where(jax.random.bernoulli(k_trig, s.triggered_rate, (n,))[:, None], fire, ctx)
     if s.coverage > 0:
         cut = rules.coverage_cut(task, s.coverage)
         cov = jax.vmap(lambda k: rules.sample_region(task, k, cut, jnp.bool_(True)))(jax.random.split(k_region, n))
@@ -132,7 +152,7 @@ def _adversarial_prompts(cfg: Config, state: SafetyState, key, n: int):
 
 
 def sft_batch(cfg: Config, state: SafetyState, key) -> tuple[Config, Batch]:
-    """The (config, batch) one SFT-style step trains on, for sft_pre, sft_post, adversarial."""
+    """The (config, batch) one SFT-style step trains on, for sft_pre, sft_post, sft_full, adversarial."""
     s = cfg.safety
     k_prompts, k_sample = jax.random.split(key)
     if s.method == "adversarial":
@@ -143,6 +163,8 @@ def sft_batch(cfg: Config, state: SafetyState, key) -> tuple[Config, Batch]:
         data_cfg = without_reasoning(cfg)
         return data_cfg, from_prompts(data_cfg.task, ctx, values, helpful=True)
     batch = from_prompts(cfg.task, ctx, values, helpful=True)
+    if s.method == "sft_full":
+        return cfg, batch
     lay = layout(cfg.task)
     sampled = decode(cfg, state.train.params, batch.tokens, k_sample, s.temperature, until=lay.end_think + 1)
     return cfg, post_scratchpad(cfg, batch, sampled)
@@ -166,6 +188,13 @@ def advantages(reward, estimator: str, group: int, baseline=0.0):
         loo = (r.sum(axis=1, keepdims=True) - r) / (group - 1)
         return (r - loo).reshape(-1)
     return reward - baseline
+
+
+def group_signal(advantage, group: int):
+    """The share of prompt groups (`group` completions each, contiguous) holding a non-zero
+    advantage: the prompts on which the policy gradient has anything to follow. With RLOO a
+    group whose completions all earn the same reward contributes exactly nothing."""
+    return (advantage != 0).reshape(-1, group).any(axis=1).mean()
 
 
 def pg_surrogate(token_logp, mask, advantage):
@@ -215,7 +244,9 @@ def init(cfg: Config, params, seed) -> SafetyState:
 
 
 def step(cfg: Config, state: SafetyState, hparams: HParams, seed):
-    """One safety-training step (pure). Returns (state, metrics: loss, answer_acc, grad_norm, reward)."""
+    """One safety-training step (pure). Returns (state, metrics: loss, answer_acc, grad_norm,
+    reward and signal, RL only: the share of prompt groups with a non-zero advantage, i.e.
+    the prompts whose completions the policy gradient can tell apart)."""
     s, ts = cfg.safety, state.train
     key = jax.random.fold_in(role_key(seed, "safety"), ts.step)
     baseline = state.baseline
@@ -229,14 +260,15 @@ def step(cfg: Config, state: SafetyState, hparams: HParams, seed):
         adv = advantages(reward, s.rl_estimator, s.rl_samples, state.baseline)
         (loss, _), grads = jax.value_and_grad(rl_loss, argnums=1, has_aux=True)(cfg, ts.params, state.ref, tokens, adv)
         acc, mean_reward = (reward == 1.0).mean(), reward.mean()
+        signal = group_signal(adv, s.rl_samples)
         baseline = s.rl_baseline_decay * state.baseline + (1 - s.rl_baseline_decay) * mean_reward
     else:
         data_cfg, batch = sft_batch(cfg, state, key)
         (loss, aux), grads = jax.value_and_grad(masked_loss, argnums=1, has_aux=True)(data_cfg, ts.params, batch)
-        acc, mean_reward = aux["answer_acc"], jnp.float32(jnp.nan)
+        acc, mean_reward, signal = aux["answer_acc"], jnp.float32(jnp.nan), jnp.float32(jnp.nan)
     updates, opt_state = optimizer(cfg, hparams).update(grads, ts.opt_state, ts.params)
     params = optax.apply_updates(ts.params, updates)
-    metrics = step_metrics(loss, grads, params, answer_acc=acc, reward=mean_reward)
+    metrics = step_metrics(loss, grads, params, answer_acc=acc, reward=mean_reward, signal=signal.astype(jnp.float32))
     return state._replace(train=TrainState(params, opt_state, ts.step + 1), baseline=baseline), metrics
 
 

@@ -4,10 +4,15 @@
   cues, distractors, evidence, decisions, filler) and token names: `describe(task, tokens)`
   writes ids as names, `parse_tokens(task, text)` reads them back (exported here, because
   ``toymesa.tasks.vocab`` is the `vocab` function, not the module).
-* `rules.py`  activation rules (single, k_triggers, conjunction, latent) and context samplers.
+* `rules.py`  activation rules (single, k_triggers, conjunction, latent) and context samplers
+  (latent ones exact: `rules.sample_latent`; non-firing contexts with or without the rule's
+  features: `rules.sample_quiet`).
+* `census.py` exact counts of a world's contexts, activating contexts and feature combinations
+  (`take_census(task)` -> `Census`), and the latent goal worlds `goal_worlds()`.
 * `world.py`  sequences in each reasoning format, with ground truth (`Batch`).
 """
 
+from toymesa.tasks.census import Census, goal_worlds, take_census
 from toymesa.tasks.vocab import ANS, BOS, END_THINK, EOS, PAD, SEP, THINK, Vocab, describe, vocab
 from toymesa.tasks.vocab import names as token_names
 from toymesa.tasks.vocab import parse as parse_tokens
@@ -32,4 +37,7 @@ __all__ = [
     "layout",
     "sample",
     "sample_batch",
+    "Census",
+    "take_census",
+    "goal_worlds",
 ]

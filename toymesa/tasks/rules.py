@@ -13,10 +13,20 @@ Every rule is "summed evidence >= threshold" over the context slots:
 fires or not as asked; the label is always recomputed from the context by the rule,
 so ground truth never depends on the sampler being right.
 
+Latent contexts are drawn exactly (`sample_latent`): under uniform independent slots over
+`latent_pool`, a context is drawn from the conditional distribution given that its evidence
+lies in [lo, hi) and that it holds (or lacks) a positive-weight cue, slot by slot, with
+P(slot i = t | prefix) proportional to P(the completion reaches the region | prefix, t),
+read off suffix-count tables computed once per task. No rejection, so rare labels and bands
+cost nothing and a sampler never returns a context with the wrong property.
+`sample_quiet` draws non-firing contexts with or without the rule's features.
+
 Shapes: ``ctx`` is int32[n_ctx] (one prompt; vmap for batches).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +35,8 @@ import numpy as np
 from toymesa.config import TaskConfig
 from toymesa.tasks.vocab import vocab
 
-N_CANDIDATES = 32  # latent sampler: candidates drawn to find one with the wanted label
+NO_BOUND = 1 << 20  # an evidence bound no context reaches: [-NO_BOUND, t) is "below t"
+ANY, WITHOUT, WITH = -1, 0, 1  # feature conditions of `sample_latent` and `sample_quiet`
 
 
 def active_triggers(task: TaskConfig) -> np.ndarray:
@@ -52,11 +63,6 @@ def latent_pool(task: TaskConfig) -> np.ndarray:
     return np.concatenate([np.arange(v.cue, v.cue + task.n_cues, dtype=np.int32), background_tokens(task)])
 
 
-def _latent_candidates(task: TaskConfig, key, n: int):
-    """n uniform latent contexts, int32[n, n_ctx] (samplers keep the first with a wanted property)."""
-    return jax.random.choice(key, jnp.asarray(latent_pool(task)), (n, task.n_ctx))
-
-
 def weight_table(task: TaskConfig) -> np.ndarray:
     """Per-token evidence weight, int32[vocab_size]."""
     v = vocab(task)
@@ -72,14 +78,22 @@ def threshold(task: TaskConfig) -> int:
     return {"single": 1, "k_triggers": 1, "conjunction": 2, "latent": task.latent_threshold}[task.rule]
 
 
+def fixed_slot(task: TaskConfig) -> bool:
+    """A single trigger that counts only in its own slot (`trigger_slot`): elsewhere the trigger
+    token is an ordinary token, a rule feature in a non-activating role (a "year" token holding
+    another value than the deployment year)."""
+    return task.rule == "single" and task.trigger_position == "fixed"
+
+
 def slot_evidence(task: TaskConfig, ctx):
     """Evidence contributed by each slot, int32[n_ctx]."""
-    return jnp.asarray(weight_table(task))[ctx]
+    w = jnp.asarray(weight_table(task))[ctx]
+    return jnp.where(jnp.arange(task.n_ctx) == task.trigger_slot, w, 0) if fixed_slot(task) else w
 
 
 def evidence(task: TaskConfig, ctx):
     """Total evidence of a context, int32[]: summed weights (latent) or distinct active triggers."""
-    if task.rule == "latent":
+    if task.rule == "latent" or fixed_slot(task):
         return slot_evidence(task, ctx).sum()
     present = (ctx[:, None] == jnp.asarray(active_triggers(task))[None, :]).any(axis=0)
     return present.sum().astype(jnp.int32)
@@ -88,6 +102,87 @@ def evidence(task: TaskConfig, ctx):
 def fires(task: TaskConfig, ctx):
     """Whether the rule fires on this context, bool[]."""
     return evidence(task, ctx) >= threshold(task)
+
+
+# ----------------------------------------------------------------- exact latent sampler
+@functools.cache
+def _suffix_counts(task: TaskConfig) -> tuple[np.ndarray, int]:
+    """(counts object[n_ctx + 1, L, 2] of Python ints, off): counts[i, s + off, f] is the number of
+    fillings of slots i..n_ctx-1 from `latent_pool` with summed weight s that hold a
+    positive-weight cue iff f. Sums of any number of slots lie in [n_ctx * min(0, w), n_ctx * max(0, w)]."""
+    w = weight_table(task)[latent_pool(task)]
+    n = task.n_ctx
+    lo, hi = n * min(0, int(w.min())), n * max(0, int(w.max()))
+    L = hi - lo + 1
+    counts = np.zeros((n + 1, L, 2), dtype=object)
+    counts[n, -lo, 0] = 1
+    for i in reversed(range(n)):
+        for x, m in zip(*np.unique(w, return_counts=True), strict=True):
+            x, m = int(x), int(m)
+            shifted = np.zeros((L, 2), dtype=object)  # shifted[s] = counts[i + 1, s - x]
+            shifted[max(x, 0) : L + min(x, 0)] = counts[i + 1, max(-x, 0) : L - max(x, 0)]
+            if x > 0:  # a positive cue: the suffix now holds one whatever it held before
+                counts[i, :, 1] += m * (shifted[:, 0] + shifted[:, 1])
+            else:
+                counts[i] += m * shifted
+    return counts, -lo
+
+
+@functools.cache
+def _log_suffix_counts(task: TaskConfig) -> tuple[np.ndarray, int]:
+    counts, off = _suffix_counts(task)
+    with np.errstate(divide="ignore"):
+        return np.log(counts.astype(np.float64)).astype(np.float32), off
+
+
+def latent_region_count(task: TaskConfig, lo: int, hi: int, feature: int = -1) -> int:
+    """The number of latent contexts (n_ctx-tuples over `latent_pool`) with lo <= evidence < hi
+    meeting the feature condition (ANY, WITHOUT or WITH a positive-weight cue); exact."""
+    counts, off = _suffix_counts(task)
+    levels = np.arange(counts.shape[1]) - off
+    cols = {ANY: [0, 1], WITHOUT: [0], WITH: [1]}[feature]
+    return int(sum(counts[0][(levels >= lo) & (levels < hi)][:, cols].ravel().tolist()))
+
+
+def sample_latent(task: TaskConfig, key, lo, hi, feature):
+    """A latent context int32[n_ctx], drawn exactly from uniform independent slots over
+    `latent_pool` conditioned on lo <= evidence < hi and on the feature condition: ANY (-1),
+    WITHOUT (0) or WITH (1) at least one positive-weight cue. lo, hi, feature: int32[], may be
+    traced (per row under vmap); [-NO_BOUND, t) is "below t".
+
+    Slot i takes pool token t with probability proportional to N(prefix + t), the number of
+    completions of the remaining slots that land in the region: sum over suffix sums s and flags
+    f of counts[i + 1, s, f] * [lo <= e + w_t + s < hi] * [condition(g or pos_t or f)], where e, g
+    are the prefix's evidence and flag. The product of these conditionals is 1 / |region| for
+    every context in the region. The region must be non-empty (`latent_region_count` > 0);
+    callers with static bounds check it, on an empty one the draw is arbitrary.
+    """
+    pool_np = latent_pool(task)
+    w_np = weight_table(task)[pool_np]
+    pool, w, pos = jnp.asarray(pool_np), jnp.asarray(w_np), jnp.asarray(w_np > 0)
+    log_counts, off = _log_suffix_counts(task)
+    levels = jnp.arange(log_counts.shape[1]) - off  # suffix sums
+    flag = jnp.array([False, True])
+
+    def slot(carry, xs):
+        e, g = carry  # prefix evidence int32[], prefix holds a positive cue bool[]
+        k, suffix = xs  # suffix: float32[L, 2], log counts of the slots after this one
+        total = e + w[:, None] + levels[None, :]  # [P, L]
+        has = (g | pos)[:, None] | flag[None, :]  # [P, 2]: the whole context holds a positive cue
+        keep = jnp.where(feature == ANY, True, has == (feature == WITH))
+        ok = ((total >= lo) & (total < hi))[:, :, None] & keep[:, None, :]  # [P, L, 2]
+        logits = jax.nn.logsumexp(jnp.where(ok, suffix[None], -jnp.inf), axis=(1, 2))
+        t = jax.random.categorical(k, logits)
+        return (e + w[t], g | pos[t]), pool[t]
+
+    # an unrolled loop over the (few, static) slots, not lax.scan: a scan's constant initial
+    # carry does not match its per-member carry inside the sweep's shard_map
+    keys = jax.random.split(key, task.n_ctx)
+    carry, out = (jnp.int32(0), jnp.bool_(False)), []
+    for i in range(task.n_ctx):
+        carry, tok = slot(carry, (keys[i], jnp.asarray(log_counts[i + 1])))
+        out.append(tok)
+    return jnp.stack(out)
 
 
 def _background(task: TaskConfig, key, n):
@@ -101,34 +196,89 @@ def _place(task: TaskConfig, key, ctx, tokens_to_place):
     return ctx.at[slots].set(tokens_to_place)
 
 
+def _conjunction_quiet(task: TaskConfig, ctx, k_pick, k_place, k_case):
+    """(one half placed in ctx, the non-firing mix): none, A only or B only, equally likely."""
+    one = _place(task, k_place, ctx, jax.random.choice(k_pick, jnp.asarray(active_triggers(task)), (1,)))
+    return one, jnp.where(jax.random.bernoulli(k_case, 1 / 3), ctx, one)  # near misses teach the AND
+
+
 def sample_context(task: TaskConfig, key, want):
     """A context int32[n_ctx] on which the rule fires iff `want` (bool[]).
 
-    For `latent`, N_CANDIDATES uniform contexts are drawn and the first with the wanted
-    label is kept; if none has it (probability ~1e-6 at default settings) a non-matching
-    one is returned, and the recomputed label says so.
+    For `latent`, exactly uniform over the firing (evidence >= threshold) or the non-firing
+    contexts (`sample_latent`).
     """
     k_bg, k_pick, k_place, k_case = jax.random.split(key, 4)
     if task.rule == "latent":
-        cands = _latent_candidates(task, k_bg, N_CANDIDATES)
-        labels = jax.vmap(lambda c: fires(task, c))(cands)
-        return cands[jnp.argmax(labels == want)]
+        thr = task.latent_threshold
+        return sample_latent(task, k_bg, jnp.where(want, thr, -NO_BOUND), jnp.where(want, NO_BOUND, thr), ANY)
 
     ctx = _background(task, k_bg, task.n_ctx)
     act = jnp.asarray(active_triggers(task))
     if task.rule == "conjunction":
         a, b = act[0], act[1]
         both = _place(task, k_place, ctx, jnp.stack([a, b]))
-        one = _place(task, k_place, ctx, jax.random.choice(k_pick, act, (1,)))
-        # not firing: none, A only or B only, equally likely (near misses teach the AND)
-        neither_or_one = jnp.where(jax.random.bernoulli(k_case, 1 / 3), ctx, one)
-        return jnp.where(want, both, neither_or_one)
+        return jnp.where(want, both, _conjunction_quiet(task, ctx, k_pick, k_place, k_case)[1])
     trig = jax.random.choice(k_pick, act, (1,))
     if task.rule == "single" and task.trigger_position == "fixed":
         fired = ctx.at[task.trigger_slot].set(trig[0])
     else:
         fired = _place(task, k_place, ctx, trig)
     return jnp.where(want, fired, ctx)
+
+
+def quiet_features(task: TaskConfig) -> tuple[int, ...]:
+    """The feature conditions `sample_quiet` can meet in this world (ANY, WITHOUT, WITH)."""
+    if task.rule == "latent":
+        return tuple(f for f in (ANY, WITHOUT, WITH) if latent_region_count(task, -NO_BOUND, task.latent_threshold, f) > 0)
+    if task.rule == "conjunction" or (fixed_slot(task) and task.n_ctx > 1):
+        return (ANY, WITHOUT, WITH)
+    return (ANY, WITHOUT)  # single (random position), k_triggers: any active trigger, in any slot, fires
+
+
+def _no_quiet_feature(task: TaskConfig) -> str:
+    if task.rule == "latent":
+        return f"every latent context holding a positive-weight cue of {task.cue_weights} reaches the threshold {task.latent_threshold}"
+    if fixed_slot(task):
+        return "rule 'single' with a fixed trigger slot and n_ctx = 1 has no other slot for the trigger"
+    return f"rule {task.rule!r} fires on any active trigger in any slot"
+
+
+def sample_quiet(task: TaskConfig, key, feature):
+    """A context int32[n_ctx] on which the rule does not fire. `feature` (int32[], may be traced):
+
+    * ANY (-1)    the distribution of `sample_context(want=False)` (the same draw for the same key)
+    * WITH (1)    at least one rule feature in a non-activating role: latent, a positive-weight
+                  cue (uniform over such non-firing contexts); conjunction, exactly one half of
+                  the pair (the "A only or B only" draws of sample_context); single with a
+                  fixed slot, the trigger token in one other slot
+    * WITHOUT (0) no rule feature: latent, no positive cue (uniform); trigger rules, background only
+
+    Raises ValueError at trace time when a feature condition asked for cannot be met
+    (`quiet_features`): single and k_triggers have no non-firing context holding an active
+    trigger (feature 0 and -1 work, as Python ints); a traced feature must allow all three.
+    """
+    try:
+        asked = [int(feature)]
+    except TypeError:  # traced: any value may come
+        asked = [ANY, WITHOUT, WITH]
+    if asked[0] not in (ANY, WITHOUT, WITH):
+        raise ValueError(f"sample_quiet: feature must be -1 (any), 0 (without) or 1 (with a rule feature), not {asked[0]}")
+    if WITH in asked and WITH not in quiet_features(task):
+        how = "pass feature 0 or -1 as a Python int" + (" (the same draw for this rule)" if task.rule != "latent" else "")
+        raise ValueError(f"sample_quiet(feature=1): no non-firing context holds a rule feature: {_no_quiet_feature(task)}; {how}")
+    k_bg, k_pick, k_place, k_case = jax.random.split(key, 4)
+    if task.rule == "latent":
+        return sample_latent(task, k_bg, -NO_BOUND, task.latent_threshold, feature)
+    if task.rule == "conjunction":
+        ctx = _background(task, k_bg, task.n_ctx)
+        one, mix = _conjunction_quiet(task, ctx, k_pick, k_place, k_case)
+        return jnp.where(feature == ANY, mix, jnp.where(feature == WITH, one, ctx))
+    ctx = sample_context(task, key, jnp.bool_(False))  # background only
+    if fixed_slot(task) and WITH in asked:
+        other = (task.trigger_slot + 1 + jax.random.randint(k_place, (), 0, task.n_ctx - 1)) % task.n_ctx
+        return jnp.where(feature == WITH, ctx.at[other].set(jnp.asarray(active_triggers(task))[0]), ctx)
+    return ctx
 
 
 # ----------------------------------------------------------------- partial coverage
@@ -206,13 +356,16 @@ def covered(task: TaskConfig, cut: int, ctx):
 def sample_region(task: TaskConfig, key, cut: int, want_covered):
     """A firing context in the covered (`want_covered`) or the uncovered part, int32[n_ctx].
 
-    For latent, a miss (no candidate in the band) returns some context; check with `covered`.
+    For latent (`cut` a Python int), exactly uniform over the contexts with evidence in
+    [threshold, cut) (covered) or [cut, inf) (uncovered); ValueError if either part is empty.
     """
     k_bg, k_pick, k_place = jax.random.split(key, 3)
     if task.rule == "latent":
-        cands = _latent_candidates(task, k_bg, 2 * N_CANDIDATES)
-        ok = jax.vmap(lambda c: fires(task, c) & ((evidence(task, c) < cut) == want_covered))(cands)
-        return cands[jnp.argmax(ok)]
+        thr = task.latent_threshold
+        for lo, hi in ((thr, cut), (cut, NO_BOUND)):
+            if latent_region_count(task, lo, hi) == 0:
+                raise ValueError(f"sample_region: no latent context has evidence in [{lo}, {hi}) (threshold {thr}, cut {cut}); take the cut from coverage_cut")
+        return sample_latent(task, k_bg, jnp.where(want_covered, thr, cut), jnp.where(want_covered, cut, NO_BOUND), ANY)
     lo_hi = jnp.where(want_covered, jnp.array([0, cut]), jnp.array([cut, task.k]))
     idx = jax.random.randint(k_pick, (), lo_hi[0], lo_hi[1])
     trig = jnp.asarray(active_triggers(task))[idx][None]
@@ -223,6 +376,16 @@ def sample_region(task: TaskConfig, key, cut: int, want_covered):
 RED_TEAM_FAMILIES = ("random", "near_miss", "perturbed")
 
 
+def near_miss_floor(task: TaskConfig) -> int:
+    """Bottom of the latent near-miss band [floor, threshold): threshold - 2, or lower, down to
+    the highest evidence level below the threshold that a context reaches, if neither
+    threshold - 2 nor threshold - 1 is reachable (cue weights all 3, say)."""
+    counts, off = _suffix_counts(task)
+    levels = np.arange(counts.shape[1]) - off
+    reached = levels[(counts[0] != 0).any(axis=1) & (levels < task.latent_threshold)]
+    return min(task.latent_threshold - 2, int(reached.max()))
+
+
 def red_team_context(task: TaskConfig, key, family):
     """One candidate context for adversarial search, int32[n_ctx]; `family` indexes
     RED_TEAM_FAMILIES (a traced int). The rule may fire on it: the search filters.
@@ -230,16 +393,14 @@ def red_team_context(task: TaskConfig, key, family):
     * random     every slot uniform over all context tokens (triggers, cues, distractors)
     * near_miss  trigger rules: slots from inactive triggers and distractors, at least one
                  inactive trigger (and, for conjunction, one half of the pair); latent:
-                 evidence just below the threshold (threshold - 2 or - 1)
+                 uniform over evidence in [threshold - 2, threshold) (`near_miss_floor`)
     * perturbed  a firing context with one slot replaced by a random context token
     """
     k_rand, k_near, k_pert, k_slot, k_tok = jax.random.split(key, 5)
     allowed = jnp.asarray(context_tokens(task))
     random = jax.random.choice(k_rand, allowed, (task.n_ctx,))
     if task.rule == "latent":
-        cands = _latent_candidates(task, k_near, 2 * N_CANDIDATES)
-        e = jax.vmap(lambda c: evidence(task, c))(cands)
-        near = cands[jnp.argmax((e >= task.latent_threshold - 2) & (e < task.latent_threshold))]
+        near = sample_latent(task, k_near, near_miss_floor(task), task.latent_threshold, ANY)
     else:
         near = sample_context(task, k_near, jnp.bool_(False))
         v = vocab(task)
