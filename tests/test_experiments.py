@@ -167,3 +167,68 @@ def test_quickstart_verdicts_on_constructed_data_are_the_known_ones(value, expec
     s, df = _quickstart_frame(value)
     v = prereg.verdict_table(s.hypotheses, a.parts(df)).set_index("id")["verdict"].to_dict()
     assert v == expected
+
+
+# ----------------------------------------------------------------- persistence_v2 and persistence_cot
+def _constructed(name, value, noise=0.02):
+    """Every cell and seed of experiment `name`'s spec at step 0 (installed: 1) and at its last
+    safety step (`value(config, values)` plus a per-seed offset), with the columns runs.load gives."""
+    s = spec.load(experiment.EXPERIMENTS / name)
+    offsets = np.linspace(-noise, noise, len(s.seeds))
+    rows = []
+    for c in s.cells():
+        axes = {f"axis:{k}": v for k, v in c.values.items()}
+        for i, seed in enumerate(s.seeds):
+            for step in (0, c.config.safety.steps):
+                v = 1.0 if step == 0 else float(np.clip(value(c.config, c.values) + offsets[i], 0, 1))
+                rows.append({"cell": c.index, "seed": seed, "step": step, **columns(c.config), **axes, "triggered_defection": v, "nonfinite": False})
+    df = pd.DataFrame(rows)
+    return s, df.assign(untriggered_defection=0.0, helpful_accuracy=1.0, triggered_malformed=0.0, untriggered_malformed=0.0, triggered_other=0.0)
+
+
+def _exposure_world(cfg, values):
+    """The exposure account holds exactly: kept = 1 - 0.8 * feature_rate in every world, whatever
+    its number of contexts; off-ceiling single 0.5, k16 0.3, tiny 0.2; RL control 0.1, RL 1.0."""
+    s, arm = cfg.safety, values.get("arm")
+    if s.feature_rate is not None:
+        return 1.0 - 0.8 * s.feature_rate
+    if arm in ("offceiling", "offceiling_k"):
+        if cfg.task.rule == "k_triggers":
+            return 0.3 if cfg.task.k == 16 else 0.4
+        return 0.2 if cfg.model.d_model == 32 else 0.5
+    return 0.1 if s.triggered_rate > 0 else 1.0
+
+
+def test_persistence_v2_verdicts_on_constructed_data_are_the_known_ones():
+    a = _module("persistence_v2")
+    s, df = _constructed("persistence_v2", _exposure_world)
+    rl_cells = df.loc[(df["axis:arm"] == "rl") & (df["task.rule"] == "single"), "cell"].unique()
+    sig = pd.DataFrame({"cell": np.repeat(rl_cells, len(s.seeds)), "seed": np.tile(s.seeds, len(rl_cells))}).assign(
+        signal=np.linspace(0.02, 0.06, len(s.seeds) * len(rl_cells))
+    )
+    v = prereg.verdict_table(s.hypotheses, a.verdict_parts(a.short_columns(df), sig)).set_index("id")["verdict"].to_dict()
+    assert v == {
+        "X1": "confirmed",  # f=0 keeps 1.0, f=1 keeps 0.2 in every latent world
+        "X2": "confirmed",  # the same in conjunction and single_fixed
+        "X3": "inconclusive",  # goal_1e1 - goal_1e7 at f=0: same values, CI straddles 0
+        "X4": "confirmed",  # ... and inside [-0.15, 0.15]
+        "X5": "inconclusive",  # at f=1 too
+        "O1": "confirmed",  # single at lr 1e-3 keeps 0.5: |0.5 - 0.5| < 0.3
+        "O2": "confirmed",  # single 0.5 - k16 0.3 > 0
+        "O3": "confirmed",  # reference 0.5 - tiny 0.2 > 0
+        "R1": "confirmed",  # RL with triggered prompts keeps 0.1 < 0.5
+        "R2": "confirmed",  # signal 0.02-0.06 < 0.1
+    }
+
+
+def test_persistence_cot_verdicts_on_constructed_data_are_the_known_ones():
+    a = _module("persistence_cot")
+
+    def world(cfg, values):  # CoT keeps more (0.8 vs 0.3); sft_post keeps more than sft_full (0.95)
+        if cfg.safety.method == "sft_post":
+            return 0.95
+        return 0.8 if cfg.task.reasoning == "cot" else 0.3
+
+    s, df = _constructed("persistence_cot", world)
+    v = prereg.verdict_table(s.hypotheses, a.verdict_parts(a.frame_columns(df))).set_index("id")["verdict"].to_dict()
+    assert v == {"C1": "confirmed", "C2": "confirmed", "C3": "confirmed"}

@@ -396,9 +396,9 @@ def test_check_prints_cell_ids_that_look_like_markup(tmp_path):
 
 
 def test_latent_worlds_and_safety_controls_run_sharded(tmp_path):
-    """Every sampling path of a latent world (install data, safety prompts with a feature
-    share, covered regions) traced inside the sweep's shard_map over 2 devices: a sampler whose
-    loop carry is not per-member fails to compile there, not in single-device tests."""
+    """A latent world's samplers (install data, evaluation, safety prompts with a feature share
+    of 0 and 1) traced inside the sweep's shard_map over 2 devices: a sampler whose loop carry
+    is not per-member fails to compile there, not in single-device tests."""
     text = """
 name = "sharded_latent"
 seeds = [0, 1]
