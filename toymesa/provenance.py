@@ -25,6 +25,7 @@ READERS = frozenset(
         "cli.py",
         "demo.py",
         "experiment.py",
+        "parts.py",
         "plot.py",
         "prereg.py",
         "provenance.py",
