@@ -241,9 +241,12 @@ def test_zero_learning_rate_leaves_parameters_unchanged(params, method, optimize
 
 # ----------------------------------------------------------------- safety-data controls and RL signal
 def test_group_signal_counts_groups_with_any_nonzero_advantage():
-    rewards = jnp.array([1.0, 1.0, 1.0, 1.0, 1.0, -1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])  # 3 groups of 4
+    rewards = jnp.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # 3 groups of 4
     adv = safety.advantages(rewards, "rloo", 4)
-    assert float(safety.group_signal(adv, 4)) == pytest.approx(1 / 3)  # only the mixed group moves the policy
+    # only the mixed group moves the policy; in it the two 0-reward completions sit at the group
+    # mean (advantage 0), so a count over completions (2 of 12) would differ from the groups' 1 of 3
+    assert float(safety.group_signal(adv, 4)) == pytest.approx(1 / 3)
+    assert int((adv != 0).sum()) == 2
     assert float(safety.group_signal(jnp.zeros(8), 4)) == 0.0
 
 

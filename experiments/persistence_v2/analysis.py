@@ -76,7 +76,9 @@ def signal(out: Path) -> pd.DataFrame:
     """Per RL member: the mean over its safety steps of the share of prompt groups with a
     non-zero advantage (columns cell, seed, signal)."""
     members, hists = runs.load_histories(out)
-    return members.assign(signal=np.nanmean(hists["signal"], axis=1))
+    h = hists["signal"]
+    n = np.isfinite(h).sum(axis=1)  # 0 for members without RL: NaN, not a warning
+    return members.assign(signal=np.where(n > 0, np.nansum(h, axis=1) / np.maximum(n, 1), np.nan))
 
 
 def census_table() -> pd.DataFrame:
@@ -99,7 +101,7 @@ def census_table() -> pd.DataFrame:
                 "activating contexts": n.n_activating,
                 "p_fire": n.p_fire,
                 "max feature share": n.max_feature_share,
-                "quiet prompts with a feature (as drawn)": n.any_feature_quiet,
+                "quiet contexts holding a feature (uniform slots)": n.any_feature_quiet,
             }
         )
     return pd.DataFrame(rows)
@@ -165,8 +167,8 @@ def figures(out: Path) -> list[Path]:
             ax.set_xticks(DOSES)
             ax.set_ylim(-0.03, 1.03)
             ax.set_title(title)
+            ax.set_ylabel("defection kept after safety SFT\n(triggered prompts)")
             ax.legend(fontsize=7, loc="lower left")
-        axes[0].set_ylabel("defection kept after safety SFT\n(triggered prompts)")
         fig.suptitle("Dose-response: defection kept against exposure of the rule's features in safety data (mean over 10 seeds, 95% bootstrap CI)", y=1.02)
         paths += plot.save(fig, out / "figures" / "dose_response")
 
