@@ -80,6 +80,7 @@ def figures(out: Path) -> list[Path]:
             ax.set_ylim(-0.03, 1.03)
             ax.set_xlabel("safety-training step")
             ax.set_title(title)
+        axes[0].set_ylabel("defection kept, triggered prompts")
         axes[0].legend(fontsize=7, loc="lower left")
         fig.suptitle("On-format safety SFT on plain and chain-of-thought backdoors (mean over 25 seeds, 95% bootstrap CI)", y=1.03)
         paths += plot.save(fig, out / "figures" / "curves")
