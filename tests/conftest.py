@@ -34,7 +34,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(scope="session")
 def tiny_cfg():
     """A small model and short run: what most property tests train."""
-    from toymesa.config import Config, TaskConfig, TrainConfig, tiny
+    from toymesa.config import Config, TaskConfig, TrainConfig
+    from toymesa.presets import tiny
 
     return Config(model=tiny(), task=TaskConfig(rule="single", reasoning="cot"), train=TrainConfig(batch_size=8, steps=6, warmup_steps=2))
 

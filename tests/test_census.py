@@ -22,7 +22,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from toymesa.config import EVIDENCE_MAX, EVIDENCE_MIN, RULES, TaskConfig, goal_world, latent_goal
+from toymesa.config import EVIDENCE_MAX, EVIDENCE_MIN, RULES, TaskConfig
+from toymesa.presets import goal_world, latent_goal
 from toymesa.tasks import rules, vocab
 from toymesa.tasks.census import goal_worlds, take_census
 from toymesa.tasks.rules import ANY, NO_BOUND, WITH, WITHOUT

@@ -12,6 +12,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from toymesa import config as C
+from toymesa import presets as P
 from toymesa import train
 from toymesa.config import Config, HParams, ModelConfig, TaskConfig, TrainConfig
 
@@ -221,9 +222,9 @@ def test_population_hparams_shape_must_match_seeds(tiny_cfg):
 
 
 # ------------------------------------------------------------------ factories and replace
-@pytest.mark.parametrize("name", sorted(C.MODEL_SIZES))
+@pytest.mark.parametrize("name", sorted(P.MODEL_SIZES))
 def test_model_factories(name):
-    m = C.MODEL_SIZES[name]()
+    m = P.MODEL_SIZES[name]()
     assert isinstance(m, ModelConfig)
     assert m.d_model % m.n_heads == 0
     assert dataclasses.replace(m) == m  # revalidates
@@ -231,7 +232,7 @@ def test_model_factories(name):
 
 @pytest.mark.parametrize(
     ("factory", "rule"),
-    [(C.single_backdoor, "single"), (C.k_triggers, "k_triggers"), (C.conjunction, "conjunction"), (C.latent_goal, "latent")],
+    [(P.single_backdoor, "single"), (P.k_triggers, "k_triggers"), (P.conjunction, "conjunction"), (P.latent_goal, "latent")],
 )
 def test_task_factories(factory, rule):
     t = factory()
@@ -242,18 +243,18 @@ def test_task_factories(factory, rule):
 
 
 def test_k_triggers_factory_sets_k():
-    assert C.k_triggers(3).k == 3
-    assert C.k_triggers(k=7).k == 7
+    assert P.k_triggers(3).k == 3
+    assert P.k_triggers(k=7).k == 7
 
 
 @pytest.mark.parametrize("rule", C.RULES)
 @pytest.mark.parametrize("reasoning", C.REASONING)
 def test_demo_config(rule, reasoning):
-    cfg = C.demo_config(rule, reasoning)
+    cfg = P.demo_config(rule, reasoning)
     assert isinstance(cfg, Config)
     assert (cfg.task.rule, cfg.task.reasoning) == (rule, reasoning)
     assert cfg.task.seq_len >= cfg.task.min_seq_len
-    assert cfg.model == C.reference()
+    assert cfg.model == P.reference()
 
 
 def test_config_replace():
@@ -291,7 +292,7 @@ def test_a_set_warmup_is_kept_and_checked():
 
 def test_the_schedule_uses_the_effective_warmup():
     """lr at step 0 is 0 (warmup), and the peak is reached at 10% of the steps."""
-    cfg = Config(model=C.tiny(), train=TrainConfig(steps=40))
+    cfg = Config(model=P.tiny(), train=TrainConfig(steps=40))
     sched = train.lr_unit(cfg.train)
     assert float(sched(0)) == 0.0 and float(sched(4)) == pytest.approx(1.0)
 

@@ -220,7 +220,10 @@ REVIEW = [
     (lambda: SafetyConfig(kl=float("inf")), "SafetyConfig.kl=inf is invalid: use a finite number"),
     (lambda: SafetyConfig(temperature=0.0), "SafetyConfig.temperature=0.0 is invalid: use a positive temperature"),
     (lambda: TrainConfig(grad_clip=float("nan")), "TrainConfig.grad_clip=nan is invalid: use a finite number"),
-    (lambda: Config(model="tiny"), "Config.model='tiny' is invalid: give a ModelConfig, not a str; e.g. toymesa.config.tiny(); model size names are for specs"),
+    (
+        lambda: Config(model="tiny"),
+        "Config.model='tiny' is invalid: give a ModelConfig, not a str; e.g. toymesa.presets.tiny(); model size names are for specs",
+    ),
     (lambda: Config(task={"rule": "latent"}), "Config.task={'rule': 'latent'} is invalid: give a TaskConfig, not a dict"),
     (lambda: Config().replace(task=dict(nope=1)), "TaskConfig.nope=1 is invalid: unknown field; TaskConfig fields are"),
     (lambda: Config().replace(hparams=dict(nope=1)), "HParams.nope=1 is invalid: unknown field"),

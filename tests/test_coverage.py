@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from toymesa import safety
-from toymesa.config import Config, SafetyConfig, TaskConfig, tiny
+from toymesa.config import Config, SafetyConfig, TaskConfig
+from toymesa.presets import tiny
 from toymesa.tasks import layout, rules, vocab
 
 K_TASK = TaskConfig(rule="k_triggers", k=4, n_trigger_tokens=5, n_distractors=2)  # 11 context tokens: 11^4 contexts

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from toymesa import config, evaluate, safety, spec, spec_fields
+from toymesa import config, evaluate, presets, safety, spec, spec_fields
 from toymesa.tasks import rules, world
 
 vocab = importlib.import_module("toymesa.tasks.vocab")  # `toymesa.tasks.vocab` is also the function's name
@@ -74,7 +74,7 @@ def test_spec_page_counts():
     (lens,) = (spec.parse(tomllib.loads(b)) for _, _, b in SPEC_BLOCKS if 'task.reasoning = ["none", "cot"]' in b)
     assert [c.config.task.seq_len for c in lens.cells()] == [11, 18]
     for size, *shape in [("tiny", 1, 32, 2, 128), ("small", 2, 32, 4, 128), ("reference", 2, 64, 4, 256), ("large", 4, 128, 8, 512)]:
-        assert f"| `{size}`" in SPEC_MD and tuple(shape) == tuple(getattr(config.MODEL_SIZES[size](), f) for f in ("n_layers", "d_model", "n_heads", "d_mlp"))
+        assert f"| `{size}`" in SPEC_MD and tuple(shape) == tuple(getattr(presets.MODEL_SIZES[size](), f) for f in ("n_layers", "d_model", "n_heads", "d_mlp"))
     for key, default in spec_fields.RUN_DEFAULTS.items():
         assert f"| `{key}` |" in SPEC_MD, key
         assert default is None or str(default).lower() in SPEC_MD

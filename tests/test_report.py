@@ -163,7 +163,9 @@ def test_cli_list_and_report_include_the_shipped_results(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli.app, ["report"])
     assert result.exit_code == 0, result.output
     page = (tmp_path / "results" / "report.html").read_text()
-    assert page.count("<h2>section ") == 2 and f"section {PERSISTENCE.resolve()}<" in page and f"section {(tmp_path / 'results' / 'custom').resolve()}<" in page
+    shipped = [p for p in experiment.EXPERIMENTS.glob("*/results") if (p / "meta.json").exists()]  # every experiment's stored run
+    assert page.count("<h2>section ") == len(shipped) + 1 and f"section {(tmp_path / 'results' / 'custom').resolve()}<" in page
+    assert all(f"section {p.resolve()}<" in page for p in shipped) and PERSISTENCE in shipped
     result = CliRunner().invoke(cli.app, ["report", "results/custom", "--out", "one.html"])  # an explicit folder: just that one
     assert result.exit_code == 0 and (tmp_path / "one.html").read_text().count("<h2>section ") == 1
 

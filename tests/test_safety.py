@@ -11,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from toymesa import safety, train
-from toymesa.config import Config, SafetyConfig, TaskConfig, TrainConfig, tiny
+from toymesa.config import Config, SafetyConfig, TaskConfig, TrainConfig
 from toymesa.model import Intervention
+from toymesa.presets import tiny
 from toymesa.tasks import layout, rules, vocab
 
 SITE = "ln_final.hook_normalized"  # logits at position t depend only on this site at t
@@ -235,6 +236,8 @@ def test_zero_learning_rate_leaves_parameters_unchanged(params, method, optimize
     before = jax.tree.map(np.asarray, stacked)
     out, hist = train.population(cfg, seeds, hp, steps=3, chunk=3, states=state, fn=safety.safety_chunk, member_batch=None)
     assert np.isfinite(hist["loss"]).all() and (hist["grad_norm"] > 0).all()  # it did train, with zero step size
+    signal = np.asarray(hist["signal"])  # RL reports its share of prompt groups with a signal; SFT has none
+    assert ((signal >= 0) & (signal <= 1)).all() if method == "rl" else np.isnan(signal).all()
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(out.train.params), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
 
@@ -248,15 +251,6 @@ def test_group_signal_counts_groups_with_any_nonzero_advantage():
     assert float(safety.group_signal(adv, 4)) == pytest.approx(1 / 3)
     assert int((adv != 0).sum()) == 2
     assert float(safety.group_signal(jnp.zeros(8), 4)) == 0.0
-
-
-def test_rl_step_reports_signal_and_sft_does_not(params):
-    for method in ("rl", "sft_pre"):
-        cfg = _cfg(method)
-        state = safety.init(cfg, params, 0)
-        _, metrics = safety.step(cfg, state, cfg.hparams, 0)
-        sig = float(metrics["signal"])
-        assert (0.0 <= sig <= 1.0) if method == "rl" else np.isnan(sig)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.5, 1.0])

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from toymesa import cli, evaluate, show, spec, sweep
-from toymesa.config import Config, TaskConfig, TrainConfig, tiny
+from toymesa.config import Config, TaskConfig, TrainConfig
+from toymesa.presets import tiny
 from toymesa.tasks import BOS, EOS, PAD, SEP, balanced, describe, parse_tokens, token_names, vocab
 
 TASKS = [TaskConfig(rule=r, reasoning=f) for r in ("single", "k_triggers", "conjunction", "latent") for f in ("none", "cot", "neutral_cot")]

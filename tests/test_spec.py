@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from toymesa import config as C
 from toymesa import demo, spec
-from toymesa.config import MODEL_SIZES, REASONING, RULES, Config, HParams, TaskConfig, TrainConfig, demo_config
+from toymesa.config import REASONING, RULES, Config, HParams, TaskConfig, TrainConfig
+from toymesa.presets import MODEL_SIZES, demo_config
 from toymesa.spec import SpecError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -396,8 +396,8 @@ def test_check_prints_cell_ids_that_look_like_markup(tmp_path):
 
 
 def test_latent_worlds_and_safety_controls_run_sharded(tmp_path):
-    """A latent world's samplers (install data, evaluation, safety prompts with a feature share
-    of 0 and 1) traced inside the sweep's shard_map over 2 devices: a sampler whose loop carry
+    """A latent world's samplers (install data, evaluation, safety prompts with a traced feature
+    condition) traced inside the sweep's shard_map over 2 devices: a sampler whose loop carry
     is not per-member fails to compile there, not in single-device tests."""
     text = """
 name = "sharded_latent"
@@ -411,8 +411,7 @@ train.steps = 4
 safety.method = "sft_pre"
 safety.steps = 2
 safety.batch_size = 8
-[grid]
-safety.feature_rate = [0.0, 1.0]
+safety.feature_rate = 0.5
 [run]
 eval_prompts = 8
 """

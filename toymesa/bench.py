@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from toymesa import devices, model
-from toymesa.config import Config, demo_config, tiny
+from toymesa.config import Config
+from toymesa.presets import demo_config, tiny
 from toymesa.tasks import sample_batch, vocab
 from toymesa.train import default_member_batch, init, init_population, population_chunk, role_key, stack_hparams, train_step
 

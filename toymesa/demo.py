@@ -1,7 +1,7 @@
 """The main job: install backdoors and goals in populations, then safety-train them.
 
 Arms: activation rule {single, latent} x reasoning {none, cot}, each a population of
-seeds of the built-in default config (`toymesa.config.demo_config`). Each arm installs its
+seeds of the built-in default config (`toymesa.presets.demo_config`). Each arm installs its
 behaviour, then runs safety SFT (`toymesa.safety`, ``sft_pre``: helpful answers on
 untriggered prompts, for CoT the answer without the scratchpad) and is evaluated every
 SAFETY_EVERY safety steps. It runs as a sweep (`toymesa.sweep`), so an interrupted demo
@@ -20,7 +20,7 @@ import pandas as pd
 
 from toymesa import plot, runs, stats, sweep
 from toymesa import spec as spec_mod
-from toymesa.config import demo_config
+from toymesa.presets import demo_config
 
 RULES, FORMATS = ("single", "latent"), ("none", "cot")
 ARMS = [(r, f) for r in RULES for f in FORMATS]

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from toymesa import prereg
-from toymesa.config import MODEL_SIZES, Config, HParams
+from toymesa.config import Config, HParams
+from toymesa.presets import MODEL_SIZES
 from toymesa.spec_fields import check_arms, check_random, check_run, check_seeds, check_value, flatten
 from toymesa.spec_fields import nest as nest  # re-exported: `toymesa.demo` builds its spec with it
 

@@ -15,7 +15,8 @@ import dataclasses
 import re
 
 from toymesa import checks
-from toymesa.config import MODEL_SIZES, Config
+from toymesa.config import Config
+from toymesa.presets import MODEL_SIZES
 
 GROUPS = ("model", "task", "train", "safety", "hparams")
 RUN_DEFAULTS = {"eval_every": None, "eval_prompts": 256, "chunk_members": 64, "save_params": True}

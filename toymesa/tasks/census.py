@@ -52,7 +52,8 @@ from math import comb
 
 import numpy as np
 
-from toymesa.config import TaskConfig, goal_world
+from toymesa.config import TaskConfig
+from toymesa.presets import goal_world
 from toymesa.tasks import rules
 
 
