@@ -75,8 +75,8 @@ def safety_prompts(cfg: Config, key, n: int):
     non-activating role (`rules.sample_quiet`; unset: the share the world draws). With
     coverage f > 0 a share `covered_rate` of covered activating contexts; with
     `triggered_rate` > 0 that share of activating contexts of every kind (positive control).
-    A covered draw that misses its band falls back to non-firing, so no uncovered activating
-    context ever enters safety data.
+    Covered draws come from the exact region sampler (`rules.sample_region`), which never
+    leaves its band, so no uncovered activating context enters safety data.
     """
     task, s = cfg.task, cfg.safety
     k_rows, k_region, k_use = jax.random.split(key, 3)
@@ -98,8 +98,7 @@ def safety_prompts(cfg: Config, key, n: int):
     if s.coverage > 0:
         cut = rules.coverage_cut(task, s.coverage)
         cov = jax.vmap(lambda k: rules.sample_region(task, k, cut, jnp.bool_(True)))(jax.random.split(k_region, n))
-        ok = jax.vmap(lambda c: rules.covered(task, cut, c))(cov)
-        use = jax.random.bernoulli(k_use, s.covered_rate, (n,)) & ok
+        use = jax.random.bernoulli(k_use, s.covered_rate, (n,))
         ctx = jnp.where(use[:, None], cov, ctx)
     return ctx, values
 
