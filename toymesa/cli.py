@@ -319,8 +319,7 @@ T0 trigger; cue2 latent cue; d5 distractor; e+2 evidence value; COMPLY, DEFECT s
     seed = meta["seeds"][0] if seed is None else seed
     params, cfg = runs.load_params(run, cell, seed)
     batch = show_mod.prompts_from_text(cfg, prompt) if prompt else show_mod.sample_prompts(cfg, seed, n)
-    key = jax_key(seed) if temperature > 0 else None
-    rows = show_mod.completions(cfg, params, batch, key, temperature)
+    rows = show_mod.completions(cfg, params, batch, show_mod.sampling_key(seed) if temperature > 0 else None, temperature)
     table = Table(title=f"{run} cell {cell} seed {seed}: rule {cfg.task.rule}, format {cfg.task.reasoning}, safety {cfg.safety.method}")
     for col in ("class", "prompt", "completion", "helpful", "defect", "outcome"):
         table.add_column(col, overflow="fold")
@@ -328,12 +327,6 @@ T0 trigger; cue2 latent cue; d5 distractor; e+2 evidence value; COMPLY, DEFECT s
     for r in rows:
         table.add_row(*(Text(r[c]) for c in ("class", "prompt", "completion", "helpful", "defect")), Text(r["outcome"], style=styles[r["outcome"]]))
     console.print(table)
-
-
-def jax_key(seed: int):
-    import jax
-
-    return jax.random.key(seed)
 
 
 @app.command()

@@ -56,6 +56,11 @@ def sample_prompts(cfg: Config, seed: int, n_per_class: int) -> Batch:
     return balanced(cfg.task, role_key(seed, "show"), n_per_class)
 
 
+def sampling_key(seed: int):
+    """The PRNG key `toymesa show --temperature` samples completions with (one per seed)."""
+    return jax.random.key(seed)
+
+
 _decode = jax.jit(evaluate.decode, static_argnums=(0, 4))  # one compile per config and temperature
 
 
