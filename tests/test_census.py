@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from toymesa import evidence_counts
 from toymesa.config import EVIDENCE_MAX, EVIDENCE_MIN, RULES, TaskConfig
 from toymesa.presets import goal_world, latent_goal
 from toymesa.tasks import rules, vocab
@@ -318,3 +319,13 @@ def test_empty_latent_regions_are_refused_statically():
     with pytest.raises(ValueError, match="no latent context has evidence in"):
         rules.sample_region(SMALL, jax.random.key(0), 10, jnp.bool_(True))  # nothing reaches 10
     assert rules.near_miss_floor(TaskConfig(rule="latent", cue_weights=(3,), latent_threshold=3)) == 0  # 1, 2 unreachable
+
+
+@pytest.mark.parametrize("task", [SMALL, RARE, latent_goal(), *goal_worlds().values()], ids=lambda t: f"{t.n_ctx}x{t.n_cues}")
+def test_config_layer_counts_see_the_sampler_pool(task):
+    """Config validates safety settings with `toymesa.evidence_counts`, which knows no token ids:
+    its latent slot weights must be those of `rules.latent_pool`, so both count the same contexts."""
+    weights, thr = evidence_counts.latent_weights(task), task.latent_threshold
+    assert weights == tuple(rules.weight_table(task)[rules.latent_pool(task)].tolist())
+    for f in (ANY, WITHOUT, WITH):
+        assert evidence_counts.region_count(weights, task.n_ctx, -NO_BOUND, thr, f) == rules.latent_region_count(task, -NO_BOUND, thr, f)

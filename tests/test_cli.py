@@ -66,28 +66,28 @@ def test_terminal_table_keeps_each_ci_on_one_line(width, n_metrics):
 
     from rich.console import Console
 
-    from toymesa import cli
+    from toymesa import tables
 
     console = Console(width=width, record=True, markup=False, highlight=False, file=io.StringIO())
     summary = _summary(n_metrics)
     metrics = [f"metric_{k}" for k in range(n_metrics)]
-    cli._print_table(console, "title", summary, "arm", metrics)
+    tables.print_table(console, "title", summary, "arm", metrics)
     text = console.export_text()
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= width
     for _, r in summary.iterrows():
         for m in metrics:
-            cell = cli._fmt(r[m], r[f"{m}_lo"], r[f"{m}_hi"])
+            cell = tables.fmt(r[m], r[f"{m}_lo"], r[f"{m}_hi"])
             assert any(cell in line for line in lines), (cell, text)
     for m in metrics:  # every metric shown once, in some table
         assert text.count(m.replace("_", " ")) == 1
-    assert text.count("single/none") == len(cli._column_groups([22] * n_metrics, 4 + len("single/none"), width))
+    assert text.count("single/none") == len(tables.column_groups([22] * n_metrics, 4 + len("single/none"), width))
 
 
 def test_column_groups_pack_greedily():
-    from toymesa import cli
+    from toymesa import tables
 
-    assert cli._column_groups([10, 10, 10], fixed=20, room=58) == [[0, 1], [2]]  # 20 + 13 + 13 = 46; a third: 59 > 58
-    assert cli._column_groups([10, 10, 10], fixed=20, room=59) == [[0, 1, 2]]
-    assert cli._column_groups([100, 5], fixed=20, room=60) == [[0], [1]]  # too wide alone: its own group
-    assert cli._column_groups([], fixed=20, room=60) == [[]]
+    assert tables.column_groups([10, 10, 10], fixed=20, room=58) == [[0, 1], [2]]  # 20 + 13 + 13 = 46; a third: 59 > 58
+    assert tables.column_groups([10, 10, 10], fixed=20, room=59) == [[0, 1, 2]]
+    assert tables.column_groups([100, 5], fixed=20, room=60) == [[0], [1]]  # too wide alone: its own group
+    assert tables.column_groups([], fixed=20, room=60) == [[]]

@@ -311,3 +311,25 @@ def test_a_short_spec_runs_and_a_base_error_names_the_base():
     raw = {"base": {"model": "tiny", "train": {"steps": 50}}, "grid": {"train": {"warmup_steps": [5, 50]}}}
     with pytest.raises(spec.SpecError, match=r"cell \(train.warmup_steps=50\)"):
         spec.parse(raw)
+
+
+def test_config_alone_validates_safety_data_against_its_world():
+    """`toymesa.config` imports nothing from `toymesa.tasks` (which builds on it), yet refuses at
+    construction safety data the world cannot give: a fresh interpreter that imports only config."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from toymesa.config import Config, SafetyConfig\n"
+        "for s in (SafetyConfig(method='sft_pre', feature_rate=1.0), SafetyConfig(method='sft_pre', coverage=0.5)):\n"
+        "    try:\n"
+        "        Config(safety=s)\n"
+        "    except ValueError as e:\n"
+        "        print(e)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('toymesa.tasks')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("SafetyConfig.feature_rate=1.0 is invalid: no non-firing context of rule 'single'"), out
+    assert out[1].startswith("SafetyConfig.coverage=0.5 is invalid: partial coverage needs a rule with many activating contexts"), out
+    assert out[2] == "[]", out

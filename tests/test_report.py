@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from toymesa import cli, experiment, report
+from toymesa import tables as terminal
 
 PERSISTENCE = experiment.EXPERIMENTS / "persistence" / "results"
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==")
@@ -129,7 +130,7 @@ def test_every_table_scrolls_in_a_box_and_metadata_is_text(run_dir, tmp_path):
 
 
 def test_terminal_and_html_share_one_formatter():
-    assert cli._fmt(0.123, 0.045, 0.201) == " 12.3% [  4.5,  20.1]"  # the terminal table's aligned columns
+    assert terminal.fmt(0.123, 0.045, 0.201) == " 12.3% [  4.5,  20.1]"  # the terminal table's aligned columns
     assert report.ci_text(0.123, 0.045, 0.201) == "12.3% [4.5, 20.1]"
     assert report.ci_text(13.8, 11.1, 16.8, percent=False) == "13.8 [11.1, 16.8]"
 

@@ -18,6 +18,7 @@ NumPy scalars are stored as the equivalent Python scalar (`np.int64(4)` -> ``4``
 configs have equal reprs and hashes; Python ints in float fields stay ints (the repr, which
 names a sweep cell, does not change). Unknown keyword arguments raise `UnknownFieldError`
 naming the field. Every error is one line: ``Owner.field=value is invalid: what would be valid.``
+The classes' own range checks (`__post_init__`) fail through `check` and `positive`, so theirs read the same.
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def show(value) -> str:
 
 def fail(owner: str, name: str, value, valid: str, error: type[ValueError] = ValueError) -> NoReturn:
     raise error(f"{owner}.{name}={show(value)} is invalid: {valid}.")
+
+
+def check(ok: bool, owner: str, name: str, value, valid: str) -> None:
+    """`fail` unless `ok`: one range check of a config class's `__post_init__`."""
+    if not ok:
+        fail(owner, name, value, valid)
+
+
+def positive(owner: str, name: str, value: int) -> None:
+    check(isinstance(value, int) and value >= 1, owner, name, value, "use an integer >= 1")
 
 
 def check_known(owner: str, names, kwargs: dict) -> None:

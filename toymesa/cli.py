@@ -1,4 +1,4 @@
-"""The `toymesa` command: demo, run, sweep, figures, report, list, bench."""
+"""The `toymesa` command: demo, run, sweep, figures, show, meter, report, list, bench."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import functools
 from pathlib import Path
 
 import typer
+
+from toymesa import tables
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="toymesa: falsifiable toy experiments on mesa-optimization.")
 
@@ -48,14 +50,6 @@ def _cpu_devices(n: int | None):
         pass
 
 
-def _console():
-    from rich.console import Console
-
-    # markup off: cell ids, labels, paths and spec text are user text, and "[f1baef19f5]" would
-    # be read as a style tag and vanish; styles are given explicitly (style=...) instead
-    return Console(width=max(Console().width, 100), markup=False, highlight=False)
-
-
 def _errors(fn):
     """Bad input ends the command with one line saying what is wrong (exit 2); Ctrl-C keeps finished work."""
 
@@ -81,68 +75,6 @@ def _distributed(on: bool):
         jax.distributed.initialize()  # coordinator, process count and id from the cluster's environment
 
 
-def _fmt(mean, lo, hi) -> str:
-    from toymesa.report import ci_text  # one formatter for the terminal and the HTML report
-
-    return ci_text(mean, lo, hi, width=5)
-
-
-def _column_groups(widths: list[int], fixed: int, room: int) -> list[list[int]]:
-    """Indices of columns (of `widths` characters each, 3 more for borders and padding) in
-    consecutive groups whose tables fit `room` characters beside `fixed` ones; a column wider
-    than the room alone gets a group of its own."""
-    groups: list[list[int]] = [[]]
-    used = fixed
-    for i, w in enumerate(widths):
-        if groups[-1] and used + w + 3 > room:
-            groups.append([])
-            used = fixed
-        groups[-1].append(i)
-        used += w + 3
-    return groups
-
-
-def _print_table(console, title: str, summary, label: str, metrics: list[str]):
-    """Mean [CI] per metric, each on one line: when the columns do not fit the console's width
-    they are split over several tables (the label column repeated) instead of folding every CI."""
-    from rich.table import Table
-    from rich.text import Text
-
-    cells = {m: [_fmt(r[m], r[f"{m}_lo"], r[f"{m}_hi"]) for _, r in summary.iterrows()] for m in metrics}
-    labels = [str(v) for v in summary[label]]
-    flagged = "nonfinite" in summary and summary["nonfinite"].fillna(0).gt(0).any()
-    # a header may wrap at its spaces; a cell may not
-    widths = [max([len(c) for c in cells[m]] + [len(w) for w in m.split("_")]) for m in metrics]
-    fixed = 4 + max([len(x) for x in labels] + [len(label)]) + (13 if flagged else 0)
-    groups = _column_groups(widths, fixed, console.width)
-    for k, group in enumerate(groups):
-        table = Table(title=title if k == 0 else f"(continued, {k + 1}/{len(groups)})")
-        table.add_column(label, justify="left", no_wrap=True)
-        for i in group:
-            table.add_column(metrics[i].replace("_", " "), justify="right", no_wrap=True, min_width=widths[i])
-        if flagged:  # members excluded because their training went non-finite
-            table.add_column("non-finite", justify="right", style="bold red")
-        for j, name in enumerate(labels):
-            extra = [str(int(summary["nonfinite"].iloc[j]))] if flagged else []
-            table.add_row(Text(name), *(cells[metrics[i]][j] for i in group), *extra)
-        console.print(table)
-
-
-def _print_verdicts(console, verdicts):
-    from rich.table import Table
-    from rich.text import Text
-
-    if verdicts.empty:
-        return
-    table = Table(title="Hypotheses")
-    cols = [c for c in ("id", "prediction", "rule", "verdict", "evidence") if c in verdicts]
-    for col in cols:
-        table.add_column(col, overflow="fold")
-    for _, r in verdicts.iterrows():
-        table.add_row(*(Text(str(r[c])) for c in cols))  # Text: brackets in evidence are not markup
-    console.print(table)
-
-
 @app.command()
 @_errors
 def demo(
@@ -158,10 +90,10 @@ def demo(
     from toymesa import demo as demo_mod
     from toymesa import runs
 
-    console = _console()
+    console = tables.console()
     summary, paths, seconds = demo_mod.main(out=out, n_seeds=seeds, steps=steps, fresh=fresh, echo=console.print)
     title = f"Installed, then {demo_mod.SAFETY_STEPS} steps of safety SFT: mean over {seeds} seeds [95% bootstrap CI]"
-    _print_table(console, title, summary, "arm", runs.with_malformed(summary, ["installed_defection", *demo_mod.METRICS]))
+    tables.print_table(console, title, summary, "arm", runs.with_malformed(summary, ["installed_defection", *demo_mod.METRICS]))
     console.print(f"results: {out}/results.csv, {out}/summary.csv; figure: {', '.join(map(str, paths))}")
     console.print(f"total time {seconds:.0f}s")
     if _nonfinite_warning(console, out):
@@ -201,8 +133,8 @@ def _finish(console, exp, out: Path):
     label = "arm" if "arm" in summary else "cell"
     if label == "cell":
         summary = summary.assign(cell=runs.cell_labels(summary))
-    _print_table(console, f"{exp.name}: final behaviour, mean over seeds [95% bootstrap CI]", summary, label, metrics)
-    _print_verdicts(console, exp.verdicts(out))
+    tables.print_table(console, f"{exp.name}: final behaviour, mean over seeds [95% bootstrap CI]", summary, label, metrics)
+    tables.print_verdicts(console, exp.verdicts(out))
     paths = exp.figures(out)
     console.print(f"results: {out}/results.csv (load with toymesa.runs.load); figures: {', '.join(str(p) for p in paths if p.suffix == '.png')}")
     if _nonfinite_warning(console, out):
@@ -225,7 +157,7 @@ def run(
     if name == "demo":
         raise ValueError("the demo has its own command: `toymesa demo`")
     out = RESULTS / name if out is None else out
-    console = _console()
+    console = tables.console()
     sweep.run(exp.spec(), out, fresh=fresh, echo=console.print, analysis=exp.analysis_path, roots=_roots())
     _finish(console, exp, out)
 
@@ -249,7 +181,7 @@ def sweep_cmd(
 
     _distributed(distributed)
     s = spec_mod.load(spec)
-    console = _console()
+    console = tables.console()
     cells = s.cells()
     groups = spec_mod.groups(cells)
     console.print(f"{s.name}: {len(cells)} cells x {len(s.seeds)} seeds in {len(groups)} shape group(s), {len(sweep.plan(s))} chunk(s)")
@@ -305,7 +237,7 @@ T0 trigger; cue2 latent cue; d5 distractor; e+2 evidence value; COMPLY, DEFECT s
     from toymesa import runs
     from toymesa import show as show_mod
 
-    console = _console()
+    console = tables.console()
     meta = json.loads((run / "meta.json").read_text()) if (run / "meta.json").exists() else None
     if meta is None:
         raise FileNotFoundError(f"{run} is not a run folder (no meta.json); give e.g. results/demo")
@@ -331,6 +263,38 @@ T0 trigger; cue2 latent cue; d5 distractor; e+2 evidence value; COMPLY, DEFECT s
 
 @app.command()
 @_errors
+def meter(
+    run: Path = typer.Argument(..., help="A run folder with stored models (e.g. results/demo)."),
+    meters: str = typer.Option("llc,norm", help="Comma-separated: llc, llc_act (activating prompts only), norm, compress, preq."),
+    model: str = typer.Option("final", help="final: the stored parameters (after safety training, if any); installed: before it."),
+    chains: int = typer.Option(None, min=1, help="LLC chains per model (default 2)."),
+    draws: int = typer.Option(None, min=1, help="LLC draws per chain after burn-in (default 400)."),
+    step: float = typer.Option(None, help="LLC step size ε (default: automatic from the top Hessian eigenvalue)."),
+):
+    """Measure how simple each stored model's behaviour is: every meter on every cell x seed.
+
+    Writes RUN/meter.csv (one row per cell x seed x meter, with diagnostics) and prints each
+    meter by cell, mean over seeds [95% bootstrap CI]. Resumable: rerun to continue.
+    """
+    from toymesa.meter import stored
+
+    names = stored.parse_meters(meters)
+    s = stored.settings(chains, draws, step)
+    console = tables.console()
+    df = stored.measure_run(run, names, model, s, echo=console.print)
+    summary = stored.by_arm(df[df["meter"].isin(names) & (df["model"] == model)])
+    extra = [c for c in ("plateau held", "divergent chains", "L_n(w*)", "drift") if c in summary]
+    for name in names:
+        part = summary[summary["meter"] == name].rename(columns={"value": name, "value_lo": f"{name}_lo", "value_hi": f"{name}_hi"})
+        tables.print_table(console, f"{name} of the {model} models: mean over seeds [95% bootstrap CI]", part, "label", [name], percent=False)
+        if name.startswith("llc") and extra:
+            console.print(part[["label", *extra]].to_string(index=False))
+    console.print(f"meters: {run}/meter.csv (load with pandas.read_csv)")
+    stored.check_divergence(df[df["meter"].isin(names) & (df["model"] == model)], s.chains * len(s.scales))
+
+
+@app.command()
+@_errors
 def report(
     results: Path = typer.Argument(None, help="A run folder, or a folder of run folders (default: every experiment's stored results; see `toymesa list`)."),
     out: Path = typer.Option(None, help="HTML file to write (default: report.html inside RESULTS, or results/report.html without RESULTS)."),
@@ -351,7 +315,7 @@ def list_cmd():
     """List the experiments (built-in demo and experiments/*/spec.toml) and their stored results."""
     from toymesa import experiment
 
-    console = _console()
+    console = tables.console()
     for name, exp in experiment.discover().items():
         s = exp.spec()
         where = experiment.results_dir(name, RESULTS)
@@ -371,6 +335,7 @@ def bench(
     steps: int = typer.Option(20, min=2, help="Training steps per timed call."),
     repeats: int = typer.Option(3, min=1, help="Timed calls per measurement (the best is kept)."),
     torch: bool = typer.Option(True, help="Include the PyTorch eager baseline when torch is installed."),
+    meters: bool = typer.Option(False, "--meters", help="Benchmark the meters instead (one LLC, a population of 8, a prequential code)."),
 ):
     """Benchmark training throughput on this machine, as ratios measured side by side.
 
@@ -380,12 +345,17 @@ def bench(
     """
     from toymesa import bench as bench_mod
 
+    if meters:
+        from toymesa.meter import bench as meter_bench
+
+        meter_bench.run(echo=tables.console().print)
+        return
     bench_mod.main(
         [int(s) for s in sizes.split(",")],
         steps=steps,
         repeats=repeats,
         with_torch=torch,
-        echo=functools.partial(_console().print, markup=False, highlight=False),
+        echo=functools.partial(tables.console().print, markup=False, highlight=False),
     )
 
 

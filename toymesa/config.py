@@ -26,8 +26,11 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from toymesa.checks import check as _check
 from toymesa.checks import check_known, kind_of, strict
 from toymesa.checks import fail as _fail
+from toymesa.checks import positive as _positive
+from toymesa.evidence_counts import WITH, WITHOUT, coverage_cut, quiet_features
 
 Rule = Literal["single", "k_triggers", "conjunction", "latent"]
 Reasoning = Literal["none", "cot", "distilled", "neutral_cot"]
@@ -42,15 +45,6 @@ METHODS = ("none", "sft_pre", "sft_post", "sft_full", "rl", "adversarial")
 
 # Per-slot evidence values the reasoning can state (one token each).
 EVIDENCE_MIN, EVIDENCE_MAX = -2, 3
-
-
-def _check(ok: bool, owner: str, name: str, value, valid: str) -> None:
-    if not ok:
-        _fail(owner, name, value, valid)
-
-
-def _positive(owner: str, name: str, value: int) -> None:
-    _check(isinstance(value, int) and value >= 1, owner, name, value, "use an integer >= 1")
 
 
 @strict
@@ -348,9 +342,7 @@ class Config:
         if s.method == "none" and (s.feature_rate is not None or s.triggered_rate > 0):
             name, value = ("feature_rate", s.feature_rate) if s.feature_rate is not None else ("triggered_rate", s.triggered_rate)
             _fail("SafetyConfig", name, value, "sets the safety data's composition, but method is 'none' (no safety data); choose a method or leave it unset")
-        if s.feature_rate is not None:
-            from toymesa.tasks.rules import WITH, WITHOUT, quiet_features
-
+        if s.feature_rate is not None:  # what the world allows: `toymesa.evidence_counts` (which imports nothing from toymesa)
             need = {WITH} if s.feature_rate == 1 else {WITHOUT} if s.feature_rate == 0 else {WITH, WITHOUT}
             if not need <= set(quiet_features(t)):
                 _fail(
@@ -368,8 +360,6 @@ class Config:
                     s.coverage,
                     f"partial coverage applies to sft_pre, sft_post, sft_full and rl, not {s.method!r}; set coverage = 0",
                 )
-            from toymesa.tasks.rules import coverage_cut
-
             try:
                 coverage_cut(t, s.coverage)
             except ValueError as e:

@@ -9,6 +9,8 @@ every metric of theirs is NaN there: a NaN model's greedy answers are not "no de
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -194,6 +196,18 @@ def load_params(out, cell: int, seed: int):
             leaves = [a[f"param.{i:03d}"][hit[0]] for i in range(len(jax.tree.leaves(shape)))]
             return jax.tree.unflatten(jax.tree.structure(shape), leaves), cfg
     raise KeyError(f"no finished member with cell={cell}, seed={seed} in {out}")
+
+
+def install_config(cfg: Config) -> Config:
+    """The config of the install phase (safety settings and safety_lr do not affect it)."""
+    return dataclasses.replace(cfg, safety=SafetyConfig(), hparams=cfg.hparams._replace(safety_lr=HParams().safety_lr))
+
+
+def install_key(cfg: Config, seed: int, code_digest: str | None) -> str:
+    """The name (in the run's installs/ folder) of one member's installed parameters: a hash of
+    everything the install depends on, including the digest of the code that computed it."""
+    key = (install_config(cfg), int(seed), code_digest)
+    return hashlib.sha256(repr(key).encode()).hexdigest()[:16]
 
 
 def config_from_dict(d: dict) -> Config:

@@ -20,7 +20,7 @@ import hashlib
 import itertools
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,10 @@ import numpy as np
 from toymesa import prereg
 from toymesa.config import Config, HParams
 from toymesa.presets import MODEL_SIZES
-from toymesa.spec_fields import check_arms, check_random, check_run, check_seeds, check_value, flatten
+from toymesa.spec_fields import check_arms, check_meter, check_random, check_run, check_seeds, check_value, flatten
 from toymesa.spec_fields import nest as nest  # re-exported: `toymesa.demo` builds its spec with it
 
-TOP_KEYS = {"name", "description", "seeds", "base", "grid", "arms", "random", "run", "hypotheses"}
+TOP_KEYS = {"name", "description", "seeds", "base", "grid", "arms", "random", "run", "hypotheses", "meter"}
 
 
 class SpecError(ValueError):
@@ -64,6 +64,7 @@ class Spec:
     source: str = "<spec>"
     arms: tuple = ()  # ((name, {flat key: [values]}), ...): sub-grids, scalars as 1-value axes
     text: str = ""  # the TOML text, kept verbatim in the run directory
+    meter: dict = field(default_factory=dict)  # [meter]: meters measured after training (not in the digest: training does not depend on it)
 
     def cells(self) -> list[Cell]:
         return expand(self)
@@ -139,7 +140,8 @@ def parse(raw: dict, source: str = "<spec>", text: str = "", default_name: str =
     run = check_run(raw.get("run", {}), fail)
     hypotheses = prereg.check_hypotheses(raw.get("hypotheses", []), fail)
     arms = check_arms(raw.get("arms", []), fail)
-    spec = Spec(name, description, seeds, base, grid, random, run, hypotheses, source=source, text=text, arms=arms)
+    meter = check_meter(raw.get("meter"), fail)
+    spec = Spec(name, description, seeds, base, grid, random, run, hypotheses, source=source, text=text, arms=arms, meter=meter)
     expand(spec)  # resolve every cell now, so config errors surface before any training
     return spec
 

@@ -217,3 +217,30 @@ def check_arms(items, fail) -> tuple:
             axes[key] = [check_value(key, v, where, fail) for v in values]
         arms.append((name, axes))
     return tuple(arms)
+
+
+METER_DEFAULTS = {"meters": [], "model": "final", "chains": None, "draws": None}
+
+
+def check_meter(table, fail) -> dict:
+    """``[meter]``: meters to measure every stored model with after training (`toymesa meter`);
+    {} when absent. Names and settings are checked here, before anything trains."""
+    if table is None:
+        return {}
+    if not isinstance(table, dict):
+        fail("meter", 'must be a table, e.g. [meter] meters = ["llc", "norm"]')
+    unknown = sorted(set(table) - set(METER_DEFAULTS))
+    if unknown:
+        fail(f"meter.{unknown[0]}", f"unknown key; valid keys are {sorted(METER_DEFAULTS)}")
+    m = {**METER_DEFAULTS, **table}
+    from toymesa.meter.names import METER_NAMES, WHICH
+
+    if not isinstance(m["meters"], list) or not m["meters"] or any(x not in METER_NAMES for x in m["meters"]):
+        fail("meter.meters", f"must be a non-empty list of meter names from {list(METER_NAMES)}, got {m['meters']!r}")
+    if m["model"] not in WHICH:
+        fail("meter.model", f"must be one of {list(WHICH)}, got {m['model']!r}")
+    for key in ("chains", "draws"):
+        v = m[key]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            fail(f"meter.{key}", f"must be an int >= 1 (or left out for the default), got {v!r}")
+    return m

@@ -41,8 +41,8 @@ import jax
 import numpy as np
 import pandas as pd
 
-from toymesa import devices, model, prereg, provenance, runs, safety, store
-from toymesa.config import Config, HParams, SafetyConfig, columns
+from toymesa import devices, model, phases, prereg, provenance, runs, safety, store
+from toymesa.config import Config, HParams, columns
 from toymesa.evaluate import evaluate_population
 from toymesa.spec import Cell, Spec, SpecError, groups
 from toymesa.train import all_finite, init_population, population
@@ -107,14 +107,8 @@ def phase_steps(cfg: Config) -> int:
     return cfg.safety.steps if cfg.safety.method != "none" else cfg.train.steps
 
 
-def install_config(cfg: Config) -> Config:
-    """The config of the install phase (safety settings and safety_lr do not affect it)."""
-    return dataclasses.replace(cfg, safety=SafetyConfig(), hparams=cfg.hparams._replace(safety_lr=HParams().safety_lr))
-
-
 def _member_key(cfg: Config, seed: int, hp: HParams) -> str:
-    key = (install_config(dataclasses.replace(cfg, hparams=hp)), int(seed), provenance.code_digest())
-    return hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    return runs.install_key(dataclasses.replace(cfg, hparams=hp), seed, provenance.code_digest())
 
 
 def installed(cfg: Config, seeds, hp_rows, cache: Path | None = None, on_steps=None):
@@ -126,7 +120,7 @@ def installed(cfg: Config, seeds, hp_rows, cache: Path | None = None, on_steps=N
     differ only after it. Members are trained together as one population, padded to the
     device count.
     """
-    icfg = install_config(cfg)
+    icfg = runs.install_config(cfg)
     keys = [_member_key(cfg, s, h) for s, h in zip(seeds, hp_rows, strict=True)]
     path = {k: (cache / "installs" / f"{k}.npz") if cache is not None else None for k in keys}
     todo = list(dict.fromkeys(k for k in keys if path[k] is None or not path[k].exists()))
@@ -372,6 +366,7 @@ def run(spec: Spec, out, fresh: bool = False, progress: bool = True, echo=print,
         df = runs.tidy(out, keep={f"{c.name}.npz" for c in chunks})
         store.save_frame(df, out / "results.csv")
         store.save_frame(runs.summarize(df), out / "summary.csv")
+        phases.after_training(spec, out, progress, echo)  # e.g. [meter]: measured once, resumable
     return out
 
 

@@ -6,7 +6,8 @@
   ``toymesa.tasks.vocab`` is the `vocab` function, not the module).
 * `rules.py`  activation rules (single, k_triggers, conjunction, latent) and context samplers
   (latent ones exact: `rules.sample_latent`; non-firing contexts with or without the rule's
-  features: `rules.sample_quiet`).
+  features: `rules.sample_quiet`). What config checks safety data against (`quiet_features`,
+  `coverage_cut`) is counted in `toymesa.evidence_counts`, below config; rules re-exports it.
 * `census.py` exact counts of a world's contexts, activating contexts and feature combinations
   (`take_census(task)` -> `Census`), and the latent goal worlds `goal_worlds()`.
 * `world.py`  sequences in each reasoning format, with ground truth (`Batch`).

@@ -21,6 +21,10 @@ read off suffix-count tables computed once per task. No rejection, so rare label
 cost nothing and a sampler never returns a context with the wrong property.
 `sample_quiet` draws non-firing contexts with or without the rule's features.
 
+The counting itself (`suffix_counts`, `quiet_features`, `coverage_cut`, the feature conditions
+ANY / WITHOUT / WITH) lives in `toymesa.evidence_counts`, below `toymesa.config`, which checks
+safety settings against it; the names are re-exported here.
+
 Shapes: ``ctx`` is int32[n_ctx] (one prompt; vmap for batches).
 """
 
@@ -33,10 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from toymesa.config import TaskConfig
+from toymesa.evidence_counts import ANY, NO_BOUND, WITH, WITHOUT, coverage_cut, firing_distribution, fixed_slot, quiet_features, region_count, suffix_counts
 from toymesa.tasks.vocab import vocab
-
-NO_BOUND = 1 << 20  # an evidence bound no context reaches: [-NO_BOUND, t) is "below t"
-ANY, WITHOUT, WITH = -1, 0, 1  # feature conditions of `sample_latent` and `sample_quiet`
 
 
 def active_triggers(task: TaskConfig) -> np.ndarray:
@@ -78,13 +80,6 @@ def threshold(task: TaskConfig) -> int:
     return {"single": 1, "k_triggers": 1, "conjunction": 2, "latent": task.latent_threshold}[task.rule]
 
 
-def fixed_slot(task: TaskConfig) -> bool:
-    """A single trigger that counts only in its own slot (`trigger_slot`): elsewhere the trigger
-    token is an ordinary token, a rule feature in a non-activating role (a "year" token holding
-    another value than the deployment year)."""
-    return task.rule == "single" and task.trigger_position == "fixed"
-
-
 def slot_evidence(task: TaskConfig, ctx):
     """Evidence contributed by each slot, int32[n_ctx]."""
     w = jnp.asarray(weight_table(task))[ctx]
@@ -106,31 +101,14 @@ def fires(task: TaskConfig, ctx):
 
 # ----------------------------------------------------------------- exact latent sampler
 @functools.cache
-def _suffix_counts(task: TaskConfig) -> tuple[np.ndarray, int]:
-    """(counts object[n_ctx + 1, L, 2] of Python ints, off): counts[i, s + off, f] is the number of
-    fillings of slots i..n_ctx-1 from `latent_pool` with summed weight s that hold a
-    positive-weight cue iff f. Sums of any number of slots lie in [n_ctx * min(0, w), n_ctx * max(0, w)]."""
-    w = weight_table(task)[latent_pool(task)]
-    n = task.n_ctx
-    lo, hi = n * min(0, int(w.min())), n * max(0, int(w.max()))
-    L = hi - lo + 1
-    counts = np.zeros((n + 1, L, 2), dtype=object)
-    counts[n, -lo, 0] = 1
-    for i in reversed(range(n)):
-        for x, m in zip(*np.unique(w, return_counts=True), strict=True):
-            x, m = int(x), int(m)
-            shifted = np.zeros((L, 2), dtype=object)  # shifted[s] = counts[i + 1, s - x]
-            shifted[max(x, 0) : L + min(x, 0)] = counts[i + 1, max(-x, 0) : L - max(x, 0)]
-            if x > 0:  # a positive cue: the suffix now holds one whatever it held before
-                counts[i, :, 1] += m * (shifted[:, 0] + shifted[:, 1])
-            else:
-                counts[i] += m * shifted
-    return counts, -lo
+def _pool_weights(task: TaskConfig) -> tuple[int, ...]:
+    """The weight of each `latent_pool` token, in pool order (`evidence_counts.latent_weights` for latent)."""
+    return tuple(weight_table(task)[latent_pool(task)].tolist())
 
 
 @functools.cache
 def _log_suffix_counts(task: TaskConfig) -> tuple[np.ndarray, int]:
-    counts, off = _suffix_counts(task)
+    counts, off = suffix_counts(_pool_weights(task), task.n_ctx)
     with np.errstate(divide="ignore"):
         return np.log(counts.astype(np.float64)).astype(np.float32), off
 
@@ -138,10 +116,7 @@ def _log_suffix_counts(task: TaskConfig) -> tuple[np.ndarray, int]:
 def latent_region_count(task: TaskConfig, lo: int, hi: int, feature: int = -1) -> int:
     """The number of latent contexts (n_ctx-tuples over `latent_pool`) with lo <= evidence < hi
     meeting the feature condition (ANY, WITHOUT or WITH a positive-weight cue); exact."""
-    counts, off = _suffix_counts(task)
-    levels = np.arange(counts.shape[1]) - off
-    cols = {ANY: [0, 1], WITHOUT: [0], WITH: [1]}[feature]
-    return int(sum(counts[0][(levels >= lo) & (levels < hi)][:, cols].ravel().tolist()))
+    return region_count(_pool_weights(task), task.n_ctx, lo, hi, feature)
 
 
 def sample_latent(task: TaskConfig, key, lo, hi, feature):
@@ -227,15 +202,6 @@ def sample_context(task: TaskConfig, key, want):
     return jnp.where(want, fired, ctx)
 
 
-def quiet_features(task: TaskConfig) -> tuple[int, ...]:
-    """The feature conditions `sample_quiet` can meet in this world (ANY, WITHOUT, WITH)."""
-    if task.rule == "latent":
-        return tuple(f for f in (ANY, WITHOUT, WITH) if latent_region_count(task, -NO_BOUND, task.latent_threshold, f) > 0)
-    if task.rule == "conjunction" or (fixed_slot(task) and task.n_ctx > 1):
-        return (ANY, WITHOUT, WITH)
-    return (ANY, WITHOUT)  # single (random position), k_triggers: any active trigger, in any slot, fires
-
-
 def _no_quiet_feature(task: TaskConfig) -> str:
     if task.rule == "latent":
         return f"every latent context holding a positive-weight cue of {task.cue_weights} reaches the threshold {task.latent_threshold}"
@@ -292,45 +258,9 @@ def latent_firing_distribution(task: TaskConfig) -> dict[int, float]:
     """P(evidence = e | the latent rule fires) under the sampler's uniform slots, exactly.
 
     Each slot is uniform over the cues and the background tokens, so the total evidence is
-    the n_ctx-fold convolution of one slot's weight distribution.
+    the n_ctx-fold convolution of one slot's weight distribution (`evidence_counts.firing_distribution`).
     """
-    w = weight_table(task)[latent_pool(task)]
-    lo = int(w.min())
-    one = np.bincount(w - lo) / len(w)
-    total = np.array([1.0])
-    for _ in range(task.n_ctx):
-        total = np.convolve(total, one)
-    levels = np.arange(len(total)) + task.n_ctx * lo
-    fire = levels >= task.latent_threshold
-    p = total[fire] / total[fire].sum()
-    return {int(e): float(q) for e, q in zip(levels[fire], p, strict=True) if q > 0}
-
-
-def coverage_cut(task: TaskConfig, fraction: float) -> int:
-    """Where the covered part of the activating contexts ends, for a coverage `fraction`.
-
-    * ``k_triggers``: the covered triggers are indices 0..cut-1, cut = round(fraction * k).
-    * ``latent``: covered contexts have evidence in [threshold, cut); cut is the level that
-      makes the covered share of firing contexts closest to `fraction` (evidence is an
-      integer, so the share is only approximately `fraction`; `covered_share` gives it).
-
-    Raises ValueError when the rule has one activating context (single, conjunction) or
-    the fraction would leave the covered or the uncovered part empty.
-    """
-    if task.rule == "k_triggers":
-        cut = round(fraction * task.k)
-        if not 1 <= cut <= task.k - 1:
-            raise ValueError(f"coverage {fraction} of k={task.k} triggers covers {cut}; choose a fraction that covers between 1 and {task.k - 1} of them")
-        return cut
-    if task.rule == "latent":
-        dist = latent_firing_distribution(task)
-        levels = sorted(dist)
-        shares = np.cumsum([dist[e] for e in levels])  # share covered if cut = next level
-        best = int(np.argmin(np.abs(shares[:-1] - fraction))) if len(levels) > 1 else -1
-        if best < 0:
-            raise ValueError(f"the latent rule fires at a single evidence level {levels}; partial coverage needs at least two")
-        return levels[best + 1]
-    raise ValueError(f"partial coverage needs a rule with many activating contexts (k_triggers, latent), not {task.rule!r}")
+    return firing_distribution(_pool_weights(task), task.n_ctx, task.latent_threshold)
 
 
 def covered_share(task: TaskConfig, fraction: float) -> float:
@@ -380,7 +310,7 @@ def near_miss_floor(task: TaskConfig) -> int:
     """Bottom of the latent near-miss band [floor, threshold): threshold - 2, or lower, down to
     the highest evidence level below the threshold that a context reaches, if neither
     threshold - 2 nor threshold - 1 is reachable (cue weights all 3, say)."""
-    counts, off = _suffix_counts(task)
+    counts, off = suffix_counts(_pool_weights(task), task.n_ctx)
     levels = np.arange(counts.shape[1]) - off
     reached = levels[(counts[0] != 0).any(axis=1) & (levels < task.latent_threshold)]
     return min(task.latent_threshold - 2, int(reached.max()))
