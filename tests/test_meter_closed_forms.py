@@ -1,4 +1,4 @@
-"""Known answers and properties of the closed forms in `toymesa.meter.closed_forms` (theory/meter_closed_forms.md).
+"""Known answers and properties of the closed forms in `toymesa.meter.closed_forms` (theory/meter.md).
 
 Pure NumPy/SciPy, no JAX programs: the whole file runs in a few seconds.
 """

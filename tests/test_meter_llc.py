@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from toymesa.meter import linear
-from toymesa.meter.closed_forms import rrr
 from toymesa.meter.llc import Settings, estimate, llc_population
 
-# the frozen validation setting of theory/meter.md (exact population loss, n = 1000)
-VALID = Settings(chains=4, draws=8000, burn_in=1000, batch=None, plateau=False)
+# property checks: exact population loss, n = 1000, a shorter and coarser setting than the
+# validation table's (theory/meter_validation.py), which is what the known answers need
+VALID = Settings(chains=4, draws=8000, burn_in=1000, batch=None, plateau=False, step_c=0.2)
 N = 1000
 
 
@@ -65,14 +65,6 @@ def test_regular_model_gives_half_the_dimension():
     assert abs(float(res.llc) / 4.0 - 1) < 0.05, float(res.llc)
 
 
-# one case in every run (outside the first regime); the full table: theory/meter_validation.py, test_meter_validation.py
-@pytest.mark.parametrize(("M", "H", "Nout", "r"), [(10, 4, 3, 1)])
-def test_reduced_rank_regression_within_ten_percent(M, H, Nout, r):
-    res = rrr_llc(M, H, Nout, r)
-    assert abs(float(res.llc) / rrr(M, H, Nout, r) - 1) < 0.10, (float(res.llc), rrr(M, H, Nout, r))
-    assert not bool(res.divergent.any())
-
-
 def test_llc_is_additive_over_independent_blocks():
     w1 = linear.truth((5, 3, 4), 1, jax.random.key(3))
     k1 = linear.population_loss(linear.product(w1))
@@ -111,7 +103,7 @@ def test_llc_rises_with_the_true_rank():
 def test_plateau_check_flags_a_too_large_step():
     w = linear.truth((5, 3, 4), 1, jax.random.key(0))
     loss = linear.population_loss(linear.product(w))
-    good = estimate(loss, w, jax.random.key(1), None, N, Settings(chains=2, draws=2000, burn_in=500, batch=None))
+    good = estimate(loss, w, jax.random.key(1), None, N, Settings(chains=2, draws=2000, burn_in=500, batch=None, step_c=0.2))
     bad = estimate(loss, w, jax.random.key(1), None, N, Settings(chains=2, draws=2000, burn_in=500, batch=None, step=float(good.step) * 12))
     assert not bool(bad.plateau_ok) and not bool(bad.divergent.any())
     assert float(bad.llc) > 1.25 * float(bad.llc_by_step[-1])  # 12x the automatic step: λ̂ biased upward
@@ -157,7 +149,7 @@ def test_minibatch_estimate_of_a_regular_regression():
         bx, by = batch
         return 0.5 * jnp.mean((bx @ w - by) ** 2)
 
-    s = Settings(chains=4, draws=4000, burn_in=500, batch=None, plateau=False)
+    s = Settings(chains=4, draws=4000, burn_in=500, batch=None, plateau=False, step_c=0.2)
     full = estimate(loss, w_hat, jax.random.key(4), (x, y), settings=s)
     assert abs(float(full.llc) / 3.0 - 1) < 0.05, float(full.llc)
     # minibatch gradients add variance that SGLD does not correct: +24% measured at batch 64 of
@@ -178,3 +170,19 @@ def test_bad_settings_and_masks_say_what_to_change():
         Settings(draws=30, thin=20).check()
     with pytest.raises(ValueError, match="give n"):
         estimate(quad_loss(jnp.ones(3)), w, jax.random.key(0), None, None)
+
+
+def test_rmsprop_preconditioned_sampler_on_a_regular_regression():
+    # measured: +11% at minibatch 64 (plain SGLD at c = 0.05: +7.5%); with full-batch gradients
+    # the preconditioner sees only the shrinking gradient at w* and the ε-plateau check fails
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2000, 6)), jnp.float32)
+    y = x @ jnp.asarray(rng.normal(size=6), jnp.float32) + jnp.asarray(rng.normal(size=2000), jnp.float32)
+    w_hat = jnp.linalg.lstsq(x, y)[0]
+
+    def loss(w, batch):
+        bx, by = batch
+        return 0.5 * jnp.mean((bx @ w - by) ** 2)
+
+    res = estimate(loss, w_hat, jax.random.key(4), (x, y), settings=Settings(chains=4, draws=4000, burn_in=500, batch=64, precondition="rmsprop"))
+    assert abs(float(res.llc) / 3.0 - 1) < 0.15 and bool(res.plateau_ok), (float(res.llc), np.asarray(res.llc_by_step))

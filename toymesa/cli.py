@@ -268,7 +268,8 @@ def meter(
     meters: str = typer.Option("llc,norm", help="Comma-separated: llc, llc_act (activating prompts only), norm, compress, preq."),
     model: str = typer.Option("final", help="final: the stored parameters (after safety training, if any); installed: before it."),
     chains: int = typer.Option(None, min=1, help="LLC chains per model (default 2)."),
-    draws: int = typer.Option(None, min=1, help="LLC draws per chain after burn-in (default 400)."),
+    draws: int = typer.Option(None, min=4, help="LLC draws per chain after burn-in (default 300; the ε/2 and ε/4 checks run 2x and 4x as many steps)."),
+    burn_in: int = typer.Option(None, min=0, help="LLC steps discarded before the draws (default 100)."),
     step: float = typer.Option(None, help="LLC step size ε (default: automatic from the top Hessian eigenvalue)."),
 ):
     """Measure how simple each stored model's behaviour is: every meter on every cell x seed.
@@ -279,7 +280,7 @@ def meter(
     from toymesa.meter import stored
 
     names = stored.parse_meters(meters)
-    s = stored.settings(chains, draws, step)
+    s = stored.settings(chains, draws, step, burn_in)
     console = tables.console()
     df = stored.measure_run(run, names, model, s, echo=console.print)
     summary = stored.by_arm(df[df["meter"].isin(names) & (df["model"] == model)])

@@ -8,7 +8,7 @@ two-part code) and the Krichevsky–Trofimov code of a binary sequence.
 
 Everything is plain Python/NumPy/SciPy; learning coefficients are computed exactly in rationals
 (`fractions.Fraction`) and returned as floats. Bad arguments raise `ValueError` naming the argument.
-Propositions, sources and the tests that check them: `theory/meter_closed_forms.md`.
+Propositions, sources and the tests that check them: `theory/meter.md`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ Columns (one row per cell x seed x meter in ``meter.csv``; `value` is the meter'
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -35,7 +36,7 @@ from toymesa.train import role_key
 
 # the settings `toymesa meter` uses on transformers unless told otherwise: cheap enough for a
 # population of reference models on 2 cores; frozen across the models a comparison covers
-DEFAULT = Settings(chains=2, draws=400, burn_in=100, batch=32, thin=20, plateau=True)
+DEFAULT = Settings(chains=2, draws=300, burn_in=100, batch=32, thin=15, plateau=True)
 N_SET = 1024  # sequences in each member's fixed data set
 
 
@@ -49,7 +50,7 @@ def llc_meter(settings: Settings = DEFAULT, n: int = N_SET, part: str = "all") -
     name = "llc" if part == "all" else f"llc_{part[:3]}"
 
     def fn(cfg, params, seeds):
-        data = jax.vmap(lambda s: target.fixed_set(cfg, s, n, part))(seeds)
+        data = target.fixed_sets(target.shape_config(cfg), seeds, n, part, cfg.hparams.trigger_rate)
         res = jax.device_get(llc_population(target.sequence_loss(cfg), params, _keys(seeds, 1), data, settings=settings))
         by_step = np.asarray(res.llc_by_step)
         return {
@@ -68,22 +69,30 @@ def llc_meter(settings: Settings = DEFAULT, n: int = N_SET, part: str = "all") -
     return Measurement(name, fn, (settings, n, part))
 
 
+@functools.cache
+def _norm_program(cfg, margin: float):
+    def one(p, d):
+        b, m = norm.balanced_norm(cfg, p), norm.margin_norm(cfg, p, d, margin)
+        return {
+            "value": b["total"],
+            "raw": b["raw"],
+            "invariant": b["invariant"],
+            "margin": m["margin"],
+            "margin_norm": m["norm"],
+            "efficiency": m["efficiency"],
+        }
+
+    return jax.jit(jax.vmap(one))
+
+
 def norm_meter(n: int = N_SET, margin: float = 5.0) -> Measurement:
     """The balanced squared norm (`value`), and at a fixed logit margin on activating prompts
     (``margin_norm``, ``efficiency`` = margin per unit norm, ``margin`` = the model's own)."""
 
     def fn(cfg, params, seeds):
-        data = jax.vmap(lambda s: target.fixed_set(cfg, s, n, "activating"))(seeds)
-
-        def one(p, d):
-            b, m = norm.balanced_norm(cfg, p), norm.margin_norm(cfg, p, d, margin)
-            return {"value": b["total"], "raw": b["raw"], "invariant": b["invariant"]} | {
-                "margin": m["margin"],
-                "margin_norm": m["norm"],
-                "efficiency": m["efficiency"],
-            }
-
-        return {k: np.asarray(v) for k, v in jax.device_get(jax.jit(jax.vmap(one))(params, data)).items()}
+        shape = target.shape_config(cfg)
+        data = target.fixed_sets(shape, seeds, n, "activating", cfg.hparams.trigger_rate)
+        return {k: np.asarray(v) for k, v in jax.device_get(_norm_program(shape, margin)(params, data)).items()}
 
     return Measurement("norm", fn, (n, margin))
 
@@ -171,10 +180,10 @@ def spec_phase(spec, out, progress: bool = True, echo=print) -> pd.DataFrame | N
     return measure_run(out, m["meters"], m["model"], settings(m.get("chains"), m.get("draws")), progress, echo)
 
 
-def settings(chains: int | None = None, draws: int | None = None, step: float | None = None) -> Settings:
+def settings(chains: int | None = None, draws: int | None = None, step: float | None = None, burn_in: int | None = None) -> Settings:
     """`DEFAULT` with the given overrides (None keeps the default); the trace is thinned to
     about 20 windows (the largest divisor of `draws` at most draws/20). Checked."""
-    s = DEFAULT._replace(**{k: v for k, v in (("chains", chains), ("draws", draws), ("step", step)) if v is not None})
+    s = DEFAULT._replace(**{k: v for k, v in (("chains", chains), ("draws", draws), ("step", step), ("burn_in", burn_in)) if v is not None})
     if draws is not None:
         s = s._replace(thin=max(d for d in range(1, max(1, draws // 20) + 1) if draws % d == 0))
     return s.check()

@@ -12,12 +12,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from toymesa.config import Config
+from toymesa.config import Config, HParams, SafetyConfig, TrainConfig
 from toymesa.tasks import Batch, sample
 from toymesa.train import role_key, token_losses
 
@@ -37,10 +38,26 @@ def fixed_set(cfg: Config, seed, n: int, part: str = "all", trigger_rate=None) -
     return sample(cfg.task, k_rows, want)
 
 
-@functools.cache
+def shape_config(cfg: Config) -> Config:
+    """The part of a config a stored model's loss depends on (model and task): cells that differ
+    only in training settings share one loss function, hence one compiled estimator."""
+    return dataclasses.replace(cfg, train=TrainConfig(), hparams=HParams(), safety=SafetyConfig())
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def fixed_sets(cfg: Config, seeds, n: int, part: str, trigger_rate):
+    """`fixed_set` of every member (int32[M] seeds): a `Batch` with a leading member axis."""
+    return jax.vmap(lambda s: fixed_set(cfg, s, n, part, trigger_rate))(seeds)
+
+
 def sequence_loss(cfg: Config):
     """`loss_fn(params, batch) -> float[]`: mean over sequences of the summed target-token NLL
-    (one function per config, so compiled estimators are reused)."""
+    (one function per `shape_config`, so compiled estimators are reused across cells)."""
+    return _sequence_loss(shape_config(cfg))
+
+
+@functools.cache
+def _sequence_loss(cfg: Config):
 
     def loss(params, batch: Batch):
         ce, _ = token_losses(cfg, params, batch.tokens)
