@@ -186,3 +186,15 @@ def test_rmsprop_preconditioned_sampler_on_a_regular_regression():
 
     res = estimate(loss, w_hat, jax.random.key(4), (x, y), settings=Settings(chains=4, draws=4000, burn_in=500, batch=64, precondition="rmsprop"))
     assert abs(float(res.llc) / 3.0 - 1) < 0.15 and bool(res.plateau_ok), (float(res.llc), np.asarray(res.llc_by_step))
+
+
+def test_identity_where_localisation_and_burn_in_matter():
+    # nβh = γ here, so the localisation halves the stationary variance; and a chain starts at
+    # w*, with zero spread: on a direction with relaxation time ~25 steps the first draws sit
+    # far below equilibrium, so only the draws after the burn-in reach the identity
+    h = jnp.asarray([1.0])
+    s = Settings(chains=256, draws=40, burn_in=300, batch=None, step=0.02, plateau=False, gamma=1.0, nbeta=1.0, thin=10)
+    res = estimate(quad_loss(h), {"w": jnp.zeros(1)}, jax.random.key(3), None, N, s)
+    a, eps = 2.0, 0.02
+    exact = 1.0 / (2 * a * (1 - eps * a / 4))
+    assert abs(float(res.llc) / exact - 1) < 0.1, (float(res.llc), exact)

@@ -172,14 +172,19 @@ def check_random(table, fail, grid) -> dict:
     return {"n": n, "seed": seed, "axes": axes}
 
 
+def _with_defaults(section: str, table, defaults: dict, fail, example: str = "") -> dict:
+    """A section's table (a dict whose keys are all known) with its defaults filled in."""
+    if not isinstance(table, dict):
+        fail(section, "must be a table" + (f", e.g. {example}" if example else ""))
+    unknown = sorted(set(table) - set(defaults))
+    if unknown:
+        fail(f"{section}.{unknown[0]}", f"unknown key; valid keys are {sorted(defaults)}")
+    return {**defaults, **table}
+
+
 def check_run(table, fail) -> dict:
     """``[run]`` with its defaults filled in."""
-    if not isinstance(table, dict):
-        fail("run", "must be a table")
-    unknown = sorted(set(table) - set(RUN_DEFAULTS))
-    if unknown:
-        fail(f"run.{unknown[0]}", f"unknown key; valid keys are {sorted(RUN_DEFAULTS)}")
-    run = {**RUN_DEFAULTS, **table}
+    run = _with_defaults("run", table, RUN_DEFAULTS, fail)
     for key in ("eval_prompts", "chunk_members"):
         v = run[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -227,12 +232,7 @@ def check_meter(table, fail) -> dict:
     {} when absent. Names and settings are checked here, before anything trains."""
     if table is None:
         return {}
-    if not isinstance(table, dict):
-        fail("meter", 'must be a table, e.g. [meter] meters = ["llc", "norm"]')
-    unknown = sorted(set(table) - set(METER_DEFAULTS))
-    if unknown:
-        fail(f"meter.{unknown[0]}", f"unknown key; valid keys are {sorted(METER_DEFAULTS)}")
-    m = {**METER_DEFAULTS, **table}
+    m = _with_defaults("meter", table, METER_DEFAULTS, fail, '[meter] meters = ["llc", "norm"]')
     from toymesa.meter.names import METER_NAMES, WHICH
 
     if not isinstance(m["meters"], list) or not m["meters"] or any(x not in METER_NAMES for x in m["meters"]):
