@@ -61,9 +61,10 @@ def measure(widths, r: int, seed: int = 0) -> dict:
 
 def table(rows) -> str:
     head = "| widths (input first) | L | r | d | λ | λ̂ ± sd over chains | relative error |\n|---|---|---|---|---|---|---|\n"
-    return head + "".join(
-        f"| {tuple(x['widths'])} | {x['L']} | {x['r']} | {x['d']} | {x['lambda']:g} | {x['estimate']:.2f} ± {x['chain_sd']:.2f} | {x['rel_error']:+.1%} |\n" for x in rows
-    )
+    def row(x):
+        return f"| {tuple(x['widths'])} | {x['L']} | {x['r']} | {x['d']} | {x['lambda']:g} | {x['estimate']:.2f} ± {x['chain_sd']:.2f} | {x['rel_error']:+.1%} |\n"
+
+    return head + "".join(row(x) for x in rows)
 
 
 def main() -> None:
