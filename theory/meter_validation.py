@@ -61,8 +61,10 @@ def measure(widths, r: int, seed: int = 0) -> dict:
 
 def table(rows) -> str:
     head = "| widths (input first) | L | r | d | λ | λ̂ ± sd over chains | relative error |\n|---|---|---|---|---|---|---|\n"
+
     def row(x):
-        return f"| {tuple(x['widths'])} | {x['L']} | {x['r']} | {x['d']} | {x['lambda']:g} | {x['estimate']:.2f} ± {x['chain_sd']:.2f} | {x['rel_error']:+.1%} |\n"
+        cells = (tuple(x["widths"]), x["L"], x["r"], x["d"], f"{x['lambda']:g}", f"{x['estimate']:.2f} ± {x['chain_sd']:.2f}", f"{x['rel_error']:+.1%}")
+        return "| " + " | ".join(map(str, cells)) + " |\n"
 
     return head + "".join(row(x) for x in rows)
 
