@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/toymesa demo
 
 test: install-dev
-	$(BIN)/python -m pytest -q -m "not slow" -n 2
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadgroup
 
 test-slow: install-dev
 	$(BIN)/python -m pytest -q -m slow

@@ -12,7 +12,10 @@ from toymesa import cli, measure, spec, sweep
 from toymesa.measure import Measurement
 from toymesa.spec import SpecError
 
-FAST = ["--chains", "2", "--draws", "20", "--burn-in", "0"]
+# one worker builds this module's shared fixtures once (`make test` runs with --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("test_meter_command")
+
+FAST = ["--chains", "2", "--draws", "20", "--burn-in", "0", "--no-plateau"]  # the plateau runs: tests/test_meter_llc.py
 
 
 def _raw(name, **extra):
@@ -44,7 +47,7 @@ def test_meter_command_writes_a_tidy_table_and_resumes(run_folder):
     assert len(df) == 2 * 2 * 2  # cells x seeds x meters
     assert set(df["meter"]) == {"llc", "norm"} and set(df["seed"]) == {3, 5} and set(df["cell"]) == {0, 1}
     llc = df[df["meter"] == "llc"]
-    for col in ("value", "llc_sd", "plateau_ok", "llc_eps4", "divergent", "rhat", "drift", "step", "loss0"):
+    for col in ("value", "llc_sd", "plateau_ok", "divergent", "rhat", "drift", "step", "loss0"):
         assert llc[col].notna().all(), col
     assert "llc of the final models" in r.output and "plateau held" in r.output
     files = sorted((run_folder / "meter").rglob("*.npz"))
@@ -89,7 +92,7 @@ def test_bad_input_gives_one_line_saying_what_to_change(run_folder, tmp_path):
 
 def test_a_step_that_diverges_on_every_chain_is_refused_after_saving(run_folder):
     before = pd.read_csv(run_folder / "meter.csv") if (run_folder / "meter.csv").exists() else None
-    r = meter(run_folder, "--meters", "llc", *FAST, "--step", "1e4")
+    r = meter(run_folder, "--meters", "llc", "--chains", "1", "--draws", "4", "--burn-in", "0", "--no-plateau", "--step", "1e4")
     assert r.exit_code == 2, r.output
     assert "every LLC chain diverged" in r.output and "smaller --step" in r.output
     df = pd.read_csv(run_folder / "meter.csv")  # saved, with the NaN estimates flagged

@@ -86,6 +86,7 @@ def test_llc_is_additive_over_independent_blocks():
     assert abs(float(part.llc) / 2.0 - 1) < 0.1
 
 
+@pytest.mark.slow
 def test_invariant_under_rescaling_and_permutation_of_hidden_units():
     s = VALID._replace(draws=3000, burn_in=500)
     base = float(rrr_llc(5, 3, 4, 2, settings=s).llc)
@@ -95,6 +96,7 @@ def test_invariant_under_rescaling_and_permutation_of_hidden_units():
     assert abs(permuted / base - 1) < 0.10, (permuted, base)
 
 
+@pytest.mark.slow
 def test_llc_rises_with_the_true_rank():
     est = [float(rrr_llc(5, 3, 4, r, settings=VALID._replace(draws=2000, burn_in=500)).llc) for r in range(4)]
     assert all(b >= a for a, b in zip(est, est[1:], strict=False)), est

@@ -271,6 +271,7 @@ def meter(
     draws: int = typer.Option(None, min=4, help="LLC draws per chain after burn-in (default 300; the ε/2 and ε/4 checks run 2x and 4x as many steps)."),
     burn_in: int = typer.Option(None, min=0, help="LLC steps discarded before the draws (default 100)."),
     step: float = typer.Option(None, help="LLC step size ε (default: automatic from the top Hessian eigenvalue)."),
+    plateau: bool = typer.Option(True, help="Also run ε/2 and ε/4 for the ε-plateau check (7x the cost of ε alone)."),
 ):
     """Measure how simple each stored model's behaviour is: every meter on every cell x seed.
 
@@ -280,7 +281,7 @@ def meter(
     from toymesa.meter import stored
 
     names = stored.parse_meters(meters)
-    s = stored.settings(chains, draws, step, burn_in)
+    s = stored.settings(chains, draws, step, burn_in)._replace(plateau=plateau)
     console = tables.console()
     df = stored.measure_run(run, names, model, s, echo=console.print)
     summary = stored.by_arm(df[df["meter"].isin(names) & (df["model"] == model)])
