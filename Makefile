@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/toymesa demo
 
 test: install-dev
-	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
 test-slow: install-dev
 	$(BIN)/python -m pytest -q -m slow

@@ -14,9 +14,6 @@ from typer.testing import CliRunner
 from toymesa import cli, demo, runs
 from toymesa.experiment import result_dirs
 
-# one worker builds this module's shared fixtures once (`make test` runs with --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("test_demo")
-
 N_SEEDS, STEPS, SAFETY_STEPS = 2, 2, 2
 SMALL = {"model": "tiny", "train.batch_size": 8}
 ARM_LABELS = sorted(f"{r}/{f}" for r, f in demo.ARMS)

@@ -12,9 +12,6 @@ from toymesa import cli, measure, spec, sweep
 from toymesa.measure import Measurement
 from toymesa.spec import SpecError
 
-# one worker builds this module's shared fixtures once (`make test` runs with --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("test_meter_command")
-
 FAST = ["--chains", "2", "--draws", "20", "--burn-in", "0", "--no-plateau"]  # the plateau runs: tests/test_meter_llc.py
 
 

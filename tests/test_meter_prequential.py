@@ -19,9 +19,6 @@ from toymesa.meter.closed_forms import kt_code_bits
 from toymesa.presets import goal_world, tiny
 from toymesa.tasks import layout
 
-# one worker builds this module's shared fixtures once (`make test` runs with --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("test_meter_prequential")
-
 N, STEPS, SEED = 512, 100, 0
 ENDS = P.block_ends(N, (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0))  # (16, 32, ..., 512): 5 block models, fast
 

@@ -15,9 +15,6 @@ from toymesa.config import Config, TaskConfig, TrainConfig
 from toymesa.presets import tiny
 from toymesa.tasks import BOS, EOS, PAD, SEP, balanced, describe, parse_tokens, token_names, vocab
 
-# one worker builds this module's shared fixtures once (`make test` runs with --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("test_show")
-
 TASKS = [TaskConfig(rule=r, reasoning=f) for r in ("single", "k_triggers", "conjunction", "latent") for f in ("none", "cot", "neutral_cot")]
 
 

@@ -184,6 +184,7 @@ def compare_runs(a: Path, b: Path, exact: bool):
         (np.testing.assert_array_equal if exact else lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6))(ha[k], hb[k])
 
 
+@pytest.mark.slow  # a subprocess on 4 forced CPU devices (13 s); make test-slow
 def test_sharded_over_four_cpu_devices_equals_unsharded(finished, tmp_path):
     s, out = finished
     script = (
