@@ -64,7 +64,7 @@ def _installed_leaves(out: Path, cfg: Config, seed: int, digest: str | None):
         raise ValueError(f"{out} has no safety training, so its installed models are its final ones; use --model final")
     path = out / "installs" / f"{runs.install_key(cfg, seed, digest)}.npz"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the installed model of cell seed {seed} was not kept; measure --model final instead")
+        raise FileNotFoundError(f"{path} is missing: the installed model of seed {seed} was not kept (or other code computed it); use --model final")
     a = store.load_arrays(path)
     return [a[k] for k in sorted(a)]
 
