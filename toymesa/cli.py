@@ -292,7 +292,7 @@ def meter(
         if name.startswith("llc") and extra:
             console.print(part[["label", *extra]].to_string(index=False))
     console.print(f"meters: {run}/meter.csv (load with pandas.read_csv)")
-    stored.check_divergence(df[df["meter"].isin(names) & (df["model"] == model)], s.chains * len(s.scales))
+    stored.check_divergence(df[df["meter"].isin(names) & (df["model"] == model)])
 
 
 @app.command()

@@ -133,12 +133,12 @@ def preq_meter(n: int = 4096, orders: int = 3) -> Measurement:
     return Measurement("preq", fn, (n, orders))
 
 
-METERS = {
+METERS = {  # name -> builder of its Measurement from the LLC settings (the other meters ignore them)
     "llc": llc_meter,
-    "llc_act": lambda: llc_meter(part="activating"),
-    "norm": norm_meter,
-    "compress": compress_meter,
-    "preq": preq_meter,
+    "llc_act": lambda s: llc_meter(s, part="activating"),
+    "norm": lambda s: norm_meter(),
+    "compress": lambda s: compress_meter(),
+    "preq": lambda s: preq_meter(),
 }
 
 
@@ -161,8 +161,7 @@ def measure_run(out, names, which: str = "final", settings: Settings = DEFAULT, 
     out = Path(out)
     frames = []
     for name in names:
-        m = llc_meter(settings) if name == "llc" else llc_meter(settings, part="activating") if name == "llc_act" else METERS[name]()
-        m = m._replace(name=f"meter/{name}")
+        m = METERS[name](settings)._replace(name=f"meter/{name}")
         frames.append(measure.run(out, m, which, progress=progress, echo=echo).assign(meter=name, model=which))
     df = pd.concat(frames, ignore_index=True)
     path = out / "meter.csv"
@@ -192,13 +191,13 @@ def settings(chains: int | None = None, draws: int | None = None, step: float | 
     return s.check()
 
 
-def check_divergence(df: pd.DataFrame, chains: int) -> None:
-    """Raise ValueError (after everything is saved) if some model's LLC chains all diverged:
-    its λ̂ is NaN, and only a smaller step can fix that."""
+def check_divergence(df: pd.DataFrame) -> None:
+    """Raise ValueError (after everything is saved) if every LLC chain at ε diverged for some
+    model (its λ̂ is NaN, `toymesa.meter.llc.LLC`): only a smaller step can fix that."""
     if "divergent" not in df:
         return
     llc = df[df["meter"].str.startswith("llc")]
-    every = llc[llc["divergent"] >= chains]
+    every = llc[llc["value"].isna()]
     if len(every):
         steps = ", ".join(f"{x:.3g}" for x in sorted(set(every["step"].round(12)))[:3])
         raise ValueError(
