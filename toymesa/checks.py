@@ -205,3 +205,19 @@ def strict(cls=None, *, advice: dict[str, str] | None = None):
 
         cls.__post_init__ = __post_init__
     return cls
+
+
+def repr_when_set(*names: str):
+    """A `__repr__` for a dataclass that prints the fields `names` only when they differ from
+    their defaults. Reprs name sweep cells, install caches and chunk files, so a field added
+    after runs were stored must not change the repr of configs that leave it unset."""
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.repr and (f.name not in names or value != f.default):
+                shown.append(f"{f.name}={value!r}")
+        return f"{type(self).__qualname__}({', '.join(shown)})"
+
+    return __repr__

@@ -27,7 +27,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from toymesa.checks import check as _check
-from toymesa.checks import check_known, kind_of, strict
+from toymesa.checks import check_known, kind_of, repr_when_set, strict
 from toymesa.checks import fail as _fail
 from toymesa.checks import positive as _positive
 from toymesa.evidence_counts import WITH, WITHOUT, coverage_cut, quiet_features
@@ -241,10 +241,15 @@ class SafetyConfig:
     # safety-data composition controls (`safety.safety_prompts`):
     feature_rate: float | None = None  # share of safety prompts holding a rule feature in a non-activating role; None: as drawn
     triggered_rate: float = 0.0  # share of safety prompts on which the rule fires (positive control: the data covers the rule)
+    credit_every: int = 0  # credit tracking (`toymesa.attribution.credit`) every k safety steps; 0: off
+    credit_prompts: int = 16  # prompts in each of its fixed probe sets
+    __repr__ = repr_when_set("credit_every", "credit_prompts")  # runs stored before these fields keep their keys
 
     def __post_init__(self):
         o = "SafetyConfig"  # types and Literal choices are checked by @strict first
-        for name in ("steps", "batch_size", "rl_samples", "adv_candidates"):
+        ok = self.credit_every == 0 or (self.credit_every > 0 and self.method != "none")
+        _check(ok, o, "credit_every", self.credit_every, "use 0 (no credit tracking) or k >= 1 (every k safety steps) with a safety method")
+        for name in ("steps", "batch_size", "rl_samples", "adv_candidates", "credit_prompts"):
             _positive(o, name, getattr(self, name))
         for name in ("coverage", "rl_baseline_decay"):
             v = getattr(self, name)

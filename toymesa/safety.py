@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from toymesa import model
+from toymesa.attribution import credit
 from toymesa.config import Config, HParams
 from toymesa.evaluate import decode
 from toymesa.tasks import Batch, layout, rules
@@ -54,6 +55,7 @@ class SafetyState(NamedTuple):
     pool_ctx: jax.Array  # int32[P, n_ctx]: red-team prompts (adversarial; one unused row otherwise)
     pool_values: jax.Array  # int32[P, n_content]
     found: jax.Array  # bool[P]: the prompt elicits the defect answer and the rule does not fire
+    credit: credit.CreditState | None = None  # credit tracking (`SafetyConfig.credit_every` > 0)
 
 
 def optimizer(cfg: Config, hp: HParams) -> optax.GradientTransformation:
@@ -239,16 +241,40 @@ def init(cfg: Config, params, seed) -> SafetyState:
         # one unused row, not zero: lax.map's member batching cannot reshape empty leaves
         pool = (jnp.zeros((1, cfg.task.n_ctx), jnp.int32), jnp.zeros((1, cfg.task.n_content), jnp.int32), jnp.zeros((1,), bool))
     ref = params if s.kl > 0 else None
-    return SafetyState(TrainState(params, opt_state, jnp.int32(0)), ref, jnp.float32(0.0), *pool)
+    tracking = None
+    if s.credit_every > 0:
+        k_safe, k_probe = jax.random.split(role_key(seed, "credit"))
+        data_cfg = loss_config(cfg)
+        safe = from_prompts(data_cfg.task, *safety_prompts(cfg, k_safe, s.credit_prompts), helpful=True)
+        probes = credit.decision.probe_set(cfg, k_probe, s.credit_prompts)
+        tracking = credit.init(cfg, params, functools.partial(_sft_loss, data_cfg), safe, probes)
+    return SafetyState(TrainState(params, opt_state, jnp.int32(0)), ref, jnp.float32(0.0), *pool, tracking)
 
 
-def step(cfg: Config, state: SafetyState, hparams: HParams, seed):
-    """One safety-training step (pure). Returns (state, metrics: loss, answer_acc, grad_norm,
-    reward and signal, RL only: the share of prompt groups with a non-zero advantage, i.e.
-    the prompts whose completions the policy gradient can tell apart)."""
+def loss_config(cfg: Config) -> Config:
+    """The config of the sequences a method's SFT loss reads (sft_pre: without reasoning)."""
+    return without_reasoning(cfg) if cfg.safety.method == "sft_pre" else cfg
+
+
+def _sft_loss(data_cfg: Config, params, batch: Batch):
+    return masked_loss(data_cfg, params, batch)[0]
+
+
+def shuffle_answers(data_cfg: Config, batch: Batch) -> Batch:
+    """The batch with its answer tokens rotated by one across the batch: the shuffled-target
+    loss whose gradient is the noise reference of credit tracking."""
+    ans = layout(data_cfg.task).answer
+    return batch._replace(tokens=batch.tokens.at[:, ans].set(jnp.roll(batch.tokens[:, ans], 1)))
+
+
+def step_parts(cfg: Config, state: SafetyState, hparams: HParams, seed, noise: bool = False):
+    """One safety-training step (pure): (state, metrics, `credit.StepInfo`). Metrics: loss,
+    answer_acc, grad_norm, reward and signal (RL only: the share of prompt groups with a
+    non-zero advantage, i.e. the prompts whose completions the policy gradient can tell apart).
+    With `noise`, the info also holds the shuffled-answer gradient (SFT methods)."""
     s, ts = cfg.safety, state.train
     key = jax.random.fold_in(role_key(seed, "safety"), ts.step)
-    baseline = state.baseline
+    baseline, noise_grads = state.baseline, None
     if s.method == "rl":
         k_prompts, k_sample = jax.random.split(key)
         ctx, values = safety_prompts(cfg, k_prompts, s.batch_size // s.rl_samples)
@@ -265,14 +291,25 @@ def step(cfg: Config, state: SafetyState, hparams: HParams, seed):
         data_cfg, batch = sft_batch(cfg, state, key)
         (loss, aux), grads = jax.value_and_grad(masked_loss, argnums=1, has_aux=True)(data_cfg, ts.params, batch)
         acc, mean_reward, signal = aux["answer_acc"], jnp.float32(jnp.nan), jnp.float32(jnp.nan)
+        if noise:
+            noise_grads = jax.grad(functools.partial(_sft_loss, data_cfg))(ts.params, shuffle_answers(data_cfg, batch))
     updates, opt_state = optimizer(cfg, hparams).update(grads, ts.opt_state, ts.params)
     params = optax.apply_updates(ts.params, updates)
     metrics = step_metrics(loss, grads, params, answer_acc=acc, reward=mean_reward, signal=signal.astype(jnp.float32))
-    return state._replace(train=TrainState(params, opt_state, ts.step + 1), baseline=baseline), metrics
+    new = state._replace(train=TrainState(params, opt_state, ts.step + 1), baseline=baseline)
+    return new, metrics, credit.StepInfo(grads, updates, noise_grads)
+
+
+def step(cfg: Config, state: SafetyState, hparams: HParams, seed):
+    """One safety-training step (pure): (state, metrics); see `step_parts`."""
+    return step_parts(cfg, state, hparams, seed)[:2]
 
 
 def safety_chunk(cfg: Config, state: SafetyState, hparams: HParams, seed, n_steps: int):
-    """`n_steps` safety steps under `lax.scan` (the `fn` of `toymesa.train.population`)."""
+    """`n_steps` safety steps under `lax.scan` (the `fn` of `toymesa.train.population`), with
+    credit tracking (`toymesa.attribution.credit`) when `SafetyConfig.credit_every` > 0."""
+    if cfg.safety.credit_every > 0:
+        return credit.tracked_chunk(cfg, state, hparams, seed, n_steps, step_parts, functools.partial(_sft_loss, loss_config(cfg)))
     return jax.lax.scan(lambda st, _: step(cfg, st, hparams, seed), state, length=n_steps)
 
 

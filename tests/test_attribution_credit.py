@@ -1,0 +1,161 @@
+"""Credit tracking inside safety training (`toymesa.attribution.credit`): training-path
+attribution that sums to the actual change of each metric, splits exactly by parameter group,
+leaves training untouched, and is stored with a run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from toymesa import model, safety, spec, sweep, train
+from toymesa.attribution import credit, credit_table, decision
+from toymesa.config import Config, SafetyConfig, TaskConfig, TrainConfig
+from toymesa.presets import tiny
+
+K, STEPS = 3, 8  # tracked after steps 3, 6 and 8 (the end of the chunk)
+CFG = Config(
+    model=tiny(),
+    task=TaskConfig(rule="single", reasoning="cot"),
+    train=TrainConfig(batch_size=8, steps=40, warmup_steps=2),
+    safety=SafetyConfig(method="sft_full", steps=STEPS, batch_size=8, credit_every=K, credit_prompts=8),
+)
+LRS = (1e-3, 2.5e-4)  # two members: the same run at 1/4 of the step size
+
+
+@pytest.fixture(scope="module")
+def tracked():
+    seeds = jnp.arange(2, dtype=jnp.int32)
+    params = jax.vmap(lambda k: model.init_params(CFG, k))(jax.random.split(jax.random.key(0), 2))  # any start will do
+    hp = train.stack_hparams(CFG, 2, safety_lr=np.asarray(LRS))
+    out = {}
+    for every in (K, 0):
+        cfg = dataclasses.replace(CFG, safety=dataclasses.replace(CFG.safety, credit_every=every))
+        start = safety.init_population(cfg, params, seeds)
+        kept = jax.tree.map(jnp.copy, start)  # population donates the states it is given
+        out[every] = (kept, *train.population(cfg, seeds, hp, steps=STEPS, chunk=STEPS, states=start, fn=safety.safety_chunk, member_batch=None))
+    return out
+
+
+def member(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def test_tracking_leaves_training_unchanged(tracked):
+    (_, a, ha), (_, b, hb) = tracked[K], tracked[0]
+    for x, y in zip(jax.tree.leaves(a.train.params), jax.tree.leaves(b.train.params), strict=True):
+        assert np.array_equal(x, y)  # the same safety steps, bit for bit (SFT)
+    for key in hb:
+        assert np.array_equal(ha[key], hb[key], equal_nan=True)
+
+
+def test_tracked_steps_are_every_k_and_the_end_of_the_chunk(tracked):
+    _, _, h = tracked[K]
+    assert set(credit.history_keys(CFG)) <= set(h)
+    for key in credit.history_keys(CFG):
+        assert h[key].shape == (2, STEPS)
+        tracked_at = np.flatnonzero(np.isfinite(h[key][0])) + 1
+        if not key.endswith("cos_noise"):
+            assert tracked_at.tolist() == [3, 6, 8], key
+
+
+def test_values_are_the_metrics_of_the_parameters_reached(tracked):
+    start, end, h = tracked[K]
+    for i in range(2):
+        c = member(start.credit, i)
+        v_end = decision.defect_terms(CFG, member(end.train.params, i), c.probes)
+        safe_end = safety._sft_loss(safety.loss_config(CFG), member(end.train.params, i), c.safe)
+        np.testing.assert_allclose([h["credit.safe"][i, -1], *(h[f"credit.{t}"][i, -1] for t in decision.terms(CFG))], [safe_end, *v_end], rtol=1e-5)
+        v0 = decision.defect_terms(CFG, member(start.train.params, i), c.probes)
+        np.testing.assert_allclose(c.value0[1:], v0, rtol=1e-6)
+
+
+def test_groups_and_residual_add_up_to_the_actual_change(tracked):
+    start, _, h = tracked[K]
+    groups = credit.group_names(CFG)
+    for i in range(2):
+        for j, t in enumerate(credit.term_names(CFG)):
+            dM = sum(h[f"credit.{t}.dM.{g}"][i, -1] for g in groups)
+            change = h[f"credit.{t}"][i, -1] - start.credit.value0[i, j]
+            np.testing.assert_allclose(dM + h[f"credit.{t}.residual"][i, -1], change, rtol=1e-4, atol=1e-6)
+
+
+def test_residual_is_small_and_shrinks_with_the_step_size(tracked):
+    # The trapezoid error per interval is O(|Δθ|³), so 1/4 of the step size over the same steps
+    # cuts it about 64x (measured 43x for the safety loss). Tolerances stated: |residual| <= 5% of
+    # |ΔM| at lr 1e-3 from a random start (the steepest part of training; measured 2.5%), and at
+    # least 8x smaller at lr 2.5e-4 (measured 17-55x).
+    _, _, h = tracked[K]
+    for t in credit.term_names(CFG):
+        dM = sum(h[f"credit.{t}.dM.{g}"][:, -1] for g in credit.group_names(CFG))
+        res = np.abs(h[f"credit.{t}.residual"][:, -1])
+        assert res[0] <= 0.05 * abs(dM[0]), (t, res, dM)
+        assert res[1] < res[0] / 8, (t, res)
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(2, 6))
+def test_training_path_credit_is_exact_for_a_quadratic_metric(seed, n):
+    # m(θ) = ½|Aθ|² + b·θ on the model's own parameter pytree; any path of points
+    params = jax.tree.map(lambda x: x[:2] if x.ndim else x, tracked_params())
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    k_a, k_b, k_path = jax.random.split(jax.random.key(seed), 3)
+    A = jax.random.normal(k_a, (4, flat.size)) / np.sqrt(flat.size)
+    b = jax.random.normal(k_b, (flat.size,))
+
+    def m(p):
+        x = jax.flatten_util.ravel_pytree(p)[0]
+        return 0.5 * jnp.sum((A @ x) ** 2) + b @ x
+
+    path = [unravel(flat + 0.3 * jax.random.normal(k, flat.shape)) for k in jax.random.split(k_path, 6)][:n]
+    total = sum(credit.interval_dM(CFG, jax.tree.map(jnp.subtract, q, p), jax.grad(m)(p), jax.grad(m)(q)).sum() for p, q in zip(path, path[1:], strict=False))
+    np.testing.assert_allclose(total, m(path[-1]) - m(path[0]), rtol=2e-4, atol=2e-4)
+
+
+def tracked_params():
+    return model.init_params(CFG, jax.random.key(0))
+
+
+def test_groups_partition_the_parameters():
+    p = tracked_params()
+    idx = credit.group_index(CFG, p)
+    assert sorted(set(idx)) == list(range(len(credit.group_names(CFG))))
+    ones = jax.tree.map(jnp.ones_like, p)
+    np.testing.assert_allclose(credit.grouped_dot(CFG, ones, ones).sum(), sum(x.size for x in jax.tree.leaves(p)))
+
+
+def test_a_run_stores_credit_and_loads_it_as_a_dataframe(tmp_path):
+    raw = {
+        "name": "tinycredit",
+        "seeds": [1, 2],
+        "base": {
+            "model": "tiny",
+            "task": {"rule": "single", "reasoning": "cot", "seq_len": "min"},
+            "train": {"steps": 6, "batch_size": 8},
+            "safety": {"method": "sft_pre", "steps": 5, "batch_size": 8, "credit_every": 2, "credit_prompts": 4},
+        },
+        "run": {"eval_prompts": 8, "eval_every": 5},
+    }
+    out = sweep.run(spec.parse(raw), tmp_path / "run", progress=False, echo=lambda *_: None)
+    df = credit_table.reach(credit_table.load(out))
+    assert sorted(df["term"].unique()) == ["dec", "exec", "safe"]
+    assert sorted(df["step"].unique()) == [2, 4, 5] and len(df) == 2 * 3 * 3  # every 2 steps and the end
+    assert {"value", "dM", "residual", "cos_grad", "cos_update", "cos_noise", "mediation", "dM.attn0", "dM.embed"} <= set(df.columns)
+    safe = df[df["term"] == "safe"]
+    np.testing.assert_allclose(safe["reach"], 1.0, atol=0.05)  # the safety loss's own reach: 1 up to the residual
+    with pytest.raises(ValueError, match="credit_every"):
+        credit_table.load(sweep.run(spec.parse(raw | {"name": "nocredit", "base": {**raw["base"], "safety": {"method": "sft_pre", "steps": 2}}}), tmp_path / "plain", progress=False, echo=lambda *_: None))
+
+
+def test_bad_settings_say_what_to_change():
+    with pytest.raises(ValueError, match="credit_every"):
+        SafetyConfig(credit_every=-1)
+    with pytest.raises(ValueError, match="with a safety method"):
+        SafetyConfig(credit_every=5)
+    with pytest.raises(ValueError, match="credit_prompts"):
+        SafetyConfig(credit_prompts=0)
