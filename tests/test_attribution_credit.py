@@ -148,8 +148,9 @@ def test_a_run_stores_credit_and_loads_it_as_a_dataframe(tmp_path):
     assert {"value", "dM", "residual", "cos_grad", "cos_update", "cos_noise", "mediation", "dM.attn0", "dM.embed"} <= set(df.columns)
     safe = df[df["term"] == "safe"]
     np.testing.assert_allclose(safe["reach"], 1.0, atol=0.05)  # the safety loss's own reach: 1 up to the residual
+    plain = raw | {"name": "nocredit", "base": {**raw["base"], "safety": {"method": "sft_pre", "steps": 2}}}
     with pytest.raises(ValueError, match="credit_every"):
-        credit_table.load(sweep.run(spec.parse(raw | {"name": "nocredit", "base": {**raw["base"], "safety": {"method": "sft_pre", "steps": 2}}}), tmp_path / "plain", progress=False, echo=lambda *_: None))
+        credit_table.load(sweep.run(spec.parse(plain), tmp_path / "plain", progress=False, echo=lambda *_: None))
 
 
 def test_bad_settings_say_what_to_change():

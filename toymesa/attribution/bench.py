@@ -44,7 +44,8 @@ def run(n: int = 16, steps: int = 50, every=EVERY, echo=print) -> dict:
         name = "untracked" if k == 0 else f"every_{k}"
         out[f"{name}_s"], out[f"{name}_first_s"] = warm, first
         ratio = "" if k == 0 else f" = {warm / out['untracked_s']:.2f}x"
-        echo(f"safety SFT, {n} members x {steps} steps, {'no tracking' if k == 0 else f'credit every {k} steps'}: {warm:.1f} s warm{ratio} ({first:.1f} s with compile)")
+        what = "no tracking" if k == 0 else f"credit every {k} steps"
+        echo(f"safety SFT, {n} members x {steps} steps, {what}: {warm:.1f} s warm{ratio} ({first:.1f} s with compile)")
     for k in every:
         out[f"every_{k}_ratio"] = out[f"every_{k}_s"] / out["untracked_s"]
     ok = [k for k in every if out[f"every_{k}_ratio"] <= 1.5]
