@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from toymesa import model, safety, spec, sweep, train
+from toymesa import model, safety, spec, store, sweep, train
 from toymesa.attribution import credit, credit_table, decision
 from toymesa.config import Config, SafetyConfig, TaskConfig, TrainConfig
 from toymesa.presets import tiny
@@ -67,13 +67,16 @@ def test_tracked_steps_are_every_k_and_the_end_of_the_chunk(tracked):
 
 def test_values_are_the_metrics_of_the_parameters_reached(tracked):
     start, end, h = tracked[K]
-    for i in range(2):
-        c = member(start.credit, i)
-        v_end = decision.defect_terms(CFG, member(end.train.params, i), c.probes)
-        safe_end = safety._sft_loss(safety.loss_config(CFG), member(end.train.params, i), c.safe)
-        np.testing.assert_allclose([h["credit.safe"][i, -1], *(h[f"credit.{t}"][i, -1] for t in decision.terms(CFG))], [safe_end, *v_end], rtol=1e-5)
-        v0 = decision.defect_terms(CFG, member(start.train.params, i), c.probes)
-        np.testing.assert_allclose(c.value0[1:], v0, rtol=1e-6)
+
+    @jax.jit
+    @jax.vmap
+    def values(params, c):  # recomputed from the parameters, apart from the tracking code
+        safe = safety._sft_loss(safety.loss_config(CFG), params, c.safe)
+        return jnp.concatenate([safe[None], decision.defect_terms(CFG, params, c.probes)])
+
+    recorded = np.stack([h[f"credit.{t}"][:, -1] for t in credit.term_names(CFG)], axis=1)
+    np.testing.assert_allclose(recorded, values(end.train.params, start.credit), rtol=1e-5)
+    np.testing.assert_allclose(start.credit.value0, values(start.train.params, start.credit), rtol=1e-6)
 
 
 def test_groups_and_residual_add_up_to_the_actual_change(tracked):
@@ -102,19 +105,34 @@ def test_residual_is_small_and_shrinks_with_the_step_size(tracked):
 @given(seed=st.integers(0, 2**16), n=st.integers(2, 6))
 def test_training_path_credit_is_exact_for_a_quadratic_metric(seed, n):
     # m(θ) = ½|Aθ|² + b·θ on the model's own parameter pytree; any path of points
-    params = jax.tree.map(lambda x: x[:2] if x.ndim else x, tracked_params())
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-    k_a, k_b, k_path = jax.random.split(jax.random.key(seed), 3)
+    A, b, path = _problem(jax.random.key(seed))
+    total = sum(_interval(A, b, path[i], path[i + 1]) for i in range(n - 1))
+    np.testing.assert_allclose(total, _quadratic_jit(A, b, path[n - 1]) - _quadratic_jit(A, b, path[0]), rtol=2e-4, atol=2e-4)
+
+
+@jax.jit
+def _problem(key):
+    flat, unravel = jax.flatten_util.ravel_pytree(tracked_params())
+    k_a, k_b, k_path = jax.random.split(key, 3)
     A = jax.random.normal(k_a, (4, flat.size)) / np.sqrt(flat.size)
     b = jax.random.normal(k_b, (flat.size,))
+    return A, b, [unravel(flat + 0.3 * jax.random.normal(k, flat.shape)) for k in jax.random.split(k_path, 6)]
 
-    def m(p):
-        x = jax.flatten_util.ravel_pytree(p)[0]
-        return 0.5 * jnp.sum((A @ x) ** 2) + b @ x
 
-    path = [unravel(flat + 0.3 * jax.random.normal(k, flat.shape)) for k in jax.random.split(k_path, 6)][:n]
-    total = sum(credit.interval_dM(CFG, jax.tree.map(jnp.subtract, q, p), jax.grad(m)(p), jax.grad(m)(q)).sum() for p, q in zip(path, path[1:], strict=False))
-    np.testing.assert_allclose(total, m(path[-1]) - m(path[0]), rtol=2e-4, atol=2e-4)
+def _quadratic(A, b, p):
+    x = jax.flatten_util.ravel_pytree(p)[0]
+    return 0.5 * jnp.sum((A @ x) ** 2) + b @ x
+
+
+@jax.jit
+def _quadratic_jit(A, b, p):
+    return _quadratic(A, b, p)
+
+
+@jax.jit
+def _interval(A, b, p, q):
+    grad = jax.grad(_quadratic, argnums=2)
+    return credit.interval_dM(CFG, jax.tree.map(jnp.subtract, q, p), grad(A, b, p), grad(A, b, q)).sum()
 
 
 def tracked_params():
@@ -129,6 +147,22 @@ def test_groups_partition_the_parameters():
     np.testing.assert_allclose(credit.grouped_dot(CFG, ones, ones).sum(), sum(x.size for x in jax.tree.leaves(p)))
 
 
+def test_stored_histories_load_as_a_tidy_dataframe(tracked, tmp_path):
+    _, _, h = tracked[K]
+    store.save_arrays({"cell": np.array([0, 0]), "seed": np.array([0, 1]), **{f"hist.{k}": v for k, v in h.items()}}, tmp_path / "chunks" / "c0.npz")
+    df = credit_table.reach(credit_table.load(tmp_path))
+    assert len(df) == 2 * 3 * len(credit.term_names(CFG))  # members x tracked steps x terms
+    row = df[(df["seed"] == 1) & (df["step"] == STEPS) & (df["term"] == "exec")].iloc[0]
+    assert row["value"] == h["credit.exec"][1, -1] and row["residual"] == h["credit.exec.residual"][1, -1]
+    assert row["dM"] == pytest.approx(sum(h[f"credit.exec.dM.{g}"][1, -1] for g in credit.group_names(CFG)), rel=1e-6)
+    assert row["share.flow"] == h["credit.share.flow"][1, -1]
+    np.testing.assert_allclose(df.loc[df["term"] == "safe", "reach"], 1.0, atol=0.1)  # the safety loss's own reach: 1 up to the residual
+    with pytest.raises(ValueError, match="credit_every"):
+        store.save_arrays({"cell": np.array([0]), "seed": np.array([0]), "hist.loss": np.zeros((1, 2))}, tmp_path / "plain" / "chunks" / "c0.npz")
+        credit_table.load(tmp_path / "plain")
+
+
+@pytest.mark.slow
 def test_a_run_stores_credit_and_loads_it_as_a_dataframe(tmp_path):
     raw = {
         "name": "tinycredit",

@@ -43,6 +43,7 @@ from toymesa import model
 from toymesa.attribution import credit
 from toymesa.config import Config, HParams
 from toymesa.evaluate import decode
+from toymesa.policy import advantages, group_signal, pg_surrogate, rewards  # noqa: F401 (safety.X for callers)
 from toymesa.tasks import Batch, layout, rules
 from toymesa.tasks.world import contexts, from_prompts
 from toymesa.train import TrainState, _decay_mask, masked_loss, role_key, step_metrics
@@ -172,41 +173,6 @@ def sft_batch(cfg: Config, state: SafetyState, key) -> tuple[Config, Batch]:
 
 
 # ----------------------------------------------------------------- policy gradient
-def rewards(batch: Batch, answer):
-    """+1 for the helpful answer, -1 for the defect answer, 0 for anything else; float32[B]."""
-    return jnp.where(answer == batch.correct, 1.0, jnp.where(answer == batch.defect, -1.0, 0.0))
-
-
-def advantages(reward, estimator: str, group: int, baseline=0.0):
-    """Advantage of each completion, float32[B] (B = prompts x `group`, grouped contiguously).
-
-    ``rloo``: reward minus the mean reward of the other completions of the same prompt.
-    ``baseline``: reward minus a baseline that does not depend on this batch. Both keep the
-    policy-gradient estimate unbiased.
-    """
-    if estimator == "rloo":
-        r = reward.reshape(-1, group)
-        loo = (r.sum(axis=1, keepdims=True) - r) / (group - 1)
-        return (r - loo).reshape(-1)
-    return reward - baseline
-
-
-def group_signal(advantage, group: int):
-    """The share of prompt groups (`group` completions each, contiguous) holding a non-zero
-    advantage: the prompts on which the policy gradient has anything to follow. With RLOO a
-    group whose completions all earn the same reward contributes exactly nothing."""
-    return (advantage != 0).reshape(-1, group).any(axis=1).mean()
-
-
-def pg_surrogate(token_logp, mask, advantage):
-    """Surrogate whose gradient is the policy-gradient estimate: -mean_i A_i sum_t m_it log p_it.
-
-    token_logp float32[B, L]: log-probability of each sampled token; mask bool[B, L]: the
-    tokens whose log-probability the gradient flows through (the score-function terms).
-    """
-    return -(jax.lax.stop_gradient(advantage) * (token_logp * mask).sum(axis=1)).mean()
-
-
 def rl_loss(cfg: Config, params, ref, tokens, advantage, interventions=None):
     """Policy-gradient surrogate + kl * KL(policy || ref) on the sampled completions tokens
     int32[B, T]. Returns (loss, aux)."""
@@ -274,7 +240,7 @@ def step_parts(cfg: Config, state: SafetyState, hparams: HParams, seed, noise: b
     With `noise`, the info also holds the shuffled-answer gradient (SFT methods)."""
     s, ts = cfg.safety, state.train
     key = jax.random.fold_in(role_key(seed, "safety"), ts.step)
-    baseline, noise_grads = state.baseline, None
+    baseline, noise_grads, shares = state.baseline, None, {}
     if s.method == "rl":
         k_prompts, k_sample = jax.random.split(key)
         ctx, values = safety_prompts(cfg, k_prompts, s.batch_size // s.rl_samples)
@@ -287,17 +253,20 @@ def step_parts(cfg: Config, state: SafetyState, hparams: HParams, seed, noise: b
         acc, mean_reward = (reward == 1.0).mean(), reward.mean()
         signal = group_signal(adv, s.rl_samples)
         baseline = s.rl_baseline_decay * state.baseline + (1 - s.rl_baseline_decay) * mean_reward
+        if noise:
+            shares = credit.step_shares(cfg, ts.params, grads, tokens=tokens, advantage=adv)
     else:
         data_cfg, batch = sft_batch(cfg, state, key)
         (loss, aux), grads = jax.value_and_grad(masked_loss, argnums=1, has_aux=True)(data_cfg, ts.params, batch)
         acc, mean_reward, signal = aux["answer_acc"], jnp.float32(jnp.nan), jnp.float32(jnp.nan)
         if noise:
             noise_grads = jax.grad(functools.partial(_sft_loss, data_cfg))(ts.params, shuffle_answers(data_cfg, batch))
+            shares = credit.step_shares(data_cfg, ts.params, grads, batch)
     updates, opt_state = optimizer(cfg, hparams).update(grads, ts.opt_state, ts.params)
     params = optax.apply_updates(ts.params, updates)
     metrics = step_metrics(loss, grads, params, answer_acc=acc, reward=mean_reward, signal=signal.astype(jnp.float32))
     new = state._replace(train=TrainState(params, opt_state, ts.step + 1), baseline=baseline)
-    return new, metrics, credit.StepInfo(grads, updates, noise_grads)
+    return new, metrics, credit.StepInfo(grads, updates, noise_grads, shares)
 
 
 def step(cfg: Config, state: SafetyState, hparams: HParams, seed):

@@ -19,7 +19,9 @@ reference; SFT methods only, NaN for RL).
 
 History keys (arrays over steps, NaN off the tracked steps): ``credit.{term}`` m(θ),
 ``credit.{term}.dM.{group}`` ΔM accumulated since θ_0, ``credit.{term}.residual``,
-``credit.{term}.cos_grad`` / ``.cos_update`` / ``.cos_noise``, ``credit.mediation`` (cot).
+``credit.{term}.cos_grad`` / ``.cos_update`` / ``.cos_noise``, ``credit.mediation`` (cot),
+``credit.share.{name}`` (`step_shares` of the interval's first step: gradient flow through
+reasoning positions, token-group and REINFORCE splits).
 Terms: ``safe`` plus `decision.terms`. Tracking never changes training: the safety step,
 its data and keys are the same with and without it.
 """
@@ -30,10 +32,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from toymesa.attribution import decision
+from toymesa.attribution import decision, gradients, reasoning
 from toymesa.config import Config
-from toymesa.tasks import Batch
+from toymesa.tasks import Batch, layout
+from toymesa.train import masked_loss
 
 GROUPS = ("embed", "attn", "mlp", "norm", "unembed")  # attn and mlp per layer: attn0, mlp0, ...
 
@@ -44,6 +48,7 @@ class StepInfo(NamedTuple):
     grads: object  # the minibatch gradient at the step's starting parameters
     updates: object  # the optimizer's update (θ_{t+1} - θ_t)
     noise_grads: object  # gradient of the same loss with shuffled answers (None: not defined)
+    shares: dict  # {name: float32[]}: `step_shares` of the step's gradient
 
 
 class CreditState(NamedTuple):
@@ -88,6 +93,36 @@ def grouped_dot(cfg: Config, a, b):
 def interval_dM(cfg: Config, delta, g_old, g_new):
     """float32[n_groups]: the trapezoid credit ⟨Δθ, ½(∇m(θ_s) + ∇m(θ_{s+1}))⟩ of one interval, by group."""
     return grouped_dot(cfg, delta, jax.tree.map(lambda a, b: (a + b) / 2, g_old, g_new))
+
+
+def share(part, whole):
+    """⟨part, whole⟩ / ‖whole‖²: the share of `whole` that `part` carries (shares of a partition add to 1)."""
+    num = sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(part), jax.tree.leaves(whole), strict=True))
+    return num / jnp.maximum(sum(jnp.vdot(y, y) for y in jax.tree.leaves(whole)), 1e-30)
+
+
+def step_shares(data_cfg: Config, params, grads, batch: Batch | None = None, tokens=None, advantage=None) -> dict:
+    """Where one safety step's gradient comes from, as shares of it (each ⟨part, g⟩/‖g‖²):
+
+    * SFT on sequences with a think block: ``flow`` (the part through the reasoning positions'
+      residuals, `reasoning.gradient_flow`) and ``tokens_reasoning`` / ``tokens_answer`` (the
+      gradients of the loss terms at reasoning / answer targets, `gradients.token_group_grads`;
+      with the other targets they add to the whole);
+    * RL (`tokens`, `advantage`): ``pg_reasoning`` / ``pg_answer``, the score-function terms of
+      the reasoning and answer tokens (`reasoning.reinforce_split`; with the KL term they add to 1).
+    Empty for SFT without a think block (nothing to split)."""
+    if tokens is not None:
+        split = reasoning.reinforce_split(data_cfg, params, tokens, advantage)
+        return {"pg_reasoning": share(split.reasoning, grads), "pg_answer": share(split.answer, grads)}
+    lay = layout(data_cfg.task)
+    if lay.think < 0:
+        return {}
+    flow = reasoning.gradient_flow(data_cfg, params, batch, lambda c, p, b, iv: masked_loss(c, p, b, None, iv)[0])
+    pos = np.arange(data_cfg.task.seq_len)
+    groups = np.stack([(pos > lay.think) & (pos <= lay.end_think), pos > lay.end_think])
+    g = gradients.token_group_grads(data_cfg, params, batch, jnp.asarray(groups))
+    parts = [jax.tree.map(lambda x, i=i: x[i], g) for i in range(2)]
+    return {"flow": flow.share, "tokens_reasoning": share(parts[0], grads), "tokens_answer": share(parts[1], grads)}
 
 
 def cosine(a, b):
@@ -135,6 +170,7 @@ def track(cfg: Config, c: CreditState, params, safe_loss, first: StepInfo):
         out[f"credit.{t}.cos_update"] = cosine(first.updates, g_old)
         noise = jnp.float32(jnp.nan) if first.noise_grads is None else cosine(jax.tree.map(jnp.negative, first.noise_grads), g_old)
         out[f"credit.{t}.cos_noise"] = noise
+    out.update({f"credit.share.{k}": v for k, v in first.shares.items()})
     return c._replace(params=params, grads=g, dM=jnp.stack(dM)), out
 
 
@@ -167,9 +203,18 @@ def tracked_chunk(cfg: Config, state, hparams, seed, n_steps: int, step_parts, s
     return state, {key: jnp.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
+def share_names(cfg: Config) -> tuple[str, ...]:
+    """The `step_shares` this config records."""
+    s = cfg.safety
+    if s.method == "rl":
+        return ("pg_reasoning", "pg_answer")
+    has_think = cfg.task.has_think_block and s.method != "sft_pre"
+    return ("flow", "tokens_reasoning", "tokens_answer") if has_think else ()
+
+
 def history_keys(cfg: Config) -> list[str]:
     """Every credit history key of this config, in a stable order."""
-    keys = ["credit.mediation"]
+    keys = ["credit.mediation", *(f"credit.share.{k}" for k in share_names(cfg))]
     for t in term_names(cfg):
         keys += [f"credit.{t}", *(f"credit.{t}.dM.{g}" for g in group_names(cfg)), f"credit.{t}.residual"]
         keys += [f"credit.{t}.{c}" for c in ("cos_grad", "cos_update", "cos_noise")]

@@ -2,7 +2,8 @@
 
 `load(run)`: one row per cell x seed x tracked safety step x term, with columns ``value``
 (m(θ_t)), ``dM`` (ΔM since θ_0, all groups), ``dM.{group}``, ``residual``, ``cos_grad``,
-``cos_update``, ``cos_noise``, ``mediation``, and the cell's label and axes from cells.csv.
+``cos_update``, ``cos_noise``, ``mediation``, ``share.{name}`` (`credit.step_shares`), and the
+cell's label and axes from cells.csv.
 
 `reach(df)` adds the credit reach CR(term) = (-ΔM_term) / (-ΔL_safe): the fall of the term per
 unit fall of the tracked safety loss, ΔL_safe = L_safe(θ_t) - L_safe(θ_0) (its ΔM plus its
@@ -34,16 +35,19 @@ def load(out) -> pd.DataFrame:
         keys = [k for k in a if k.startswith("hist.credit.")]
         if not keys:
             continue
-        terms = sorted({k.split(".")[2] for k in keys} - {"mediation"})
+        terms = sorted({k.split(".")[2] for k in keys} - {"mediation", "share"})
+        shares = [k for k in keys if k.startswith("hist.credit.share.")]
         steps = np.arange(1, a["hist.loss"].shape[1] + 1)
         for j, (cell, seed) in enumerate(zip(a["cell"].tolist(), a["seed"].tolist(), strict=True)):
             tracked = np.isfinite(a[f"hist.credit.{terms[0]}"][j])
             for t in terms:
-                cols = {c: a[f"hist.credit.{t}.{c}"][j][tracked] for c in COLUMNS}
+                cols = {c: a[f"hist.credit.{t}" if c == "value" else f"hist.credit.{t}.{c}"][j][tracked] for c in COLUMNS}
                 groups = {k[len(f"hist.credit.{t}.") :]: a[k][j][tracked] for k in keys if k.startswith(f"hist.credit.{t}.dM.")}
                 frame = pd.DataFrame({"cell": cell, "seed": seed, "step": steps[tracked], "term": t, **cols, **groups})
                 frame.insert(6, "dM", frame[list(groups)].sum(axis=1))
                 frame["mediation"] = a["hist.credit.mediation"][j][tracked]
+                for k in shares:  # step-level: the same in every term's rows
+                    frame[k[len("hist.credit.") :]] = a[k][j][tracked]
                 rows.append(frame)
     if not rows:
         raise ValueError(f"{out} holds no credit histories: set safety.credit_every = k (> 0) in the spec to track credit every k safety steps")
