@@ -5,6 +5,7 @@ leaves training untouched, and is stored with a run."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.flatten_util
@@ -18,6 +19,7 @@ from toymesa import model, safety, spec, store, sweep, train
 from toymesa.attribution import credit, credit_table, decision
 from toymesa.config import Config, SafetyConfig, TaskConfig, TrainConfig
 from toymesa.presets import tiny
+from toymesa.tasks import layout, vocab
 
 K, STEPS = 3, 8  # tracked after steps 3, 6 and 8 (the end of the chunk)
 CFG = Config(
@@ -144,7 +146,12 @@ def test_groups_partition_the_parameters():
     idx = credit.group_index(CFG, p)
     assert sorted(set(idx)) == list(range(len(credit.group_names(CFG))))
     ones = jax.tree.map(jnp.ones_like, p)
-    np.testing.assert_allclose(credit.grouped_dot(CFG, ones, ones).sum(), sum(x.size for x in jax.tree.leaves(p)))
+    sizes = dict(zip(credit.group_names(CFG), np.asarray(credit.grouped_dot(CFG, ones, ones)).tolist(), strict=True))
+    n = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    blocks = p["blocks"][0]
+    expected = {"embed": n(p["embed"]) + n(p["pos_embed"]), "attn0": n(blocks["attn"]), "mlp0": n(blocks["mlp"])}
+    expected |= {"norm": n(blocks["ln1"]) + n(blocks["ln2"]) + n(p["ln_final"]), "unembed": n(p["unembed"])}
+    assert sizes == expected
 
 
 def test_stored_histories_load_as_a_tidy_dataframe(tracked, tmp_path):
@@ -194,3 +201,54 @@ def test_bad_settings_say_what_to_change():
         SafetyConfig(credit_every=5)
     with pytest.raises(ValueError, match="credit_prompts"):
         SafetyConfig(credit_prompts=0)
+
+
+@jax.jit
+def _decision_check(params, key):
+    from toymesa.attribution import core
+
+    probes = decision.probe_set(CFG, key, 8)
+    lay = layout(CFG.task)
+    logits, _ = model.apply(CFG, params, probes.tokens)
+    expected = jnp.stack([core.token_logprob(lay.decision)(logits, probes.tokens).mean(), core.token_logprob(lay.answer)(logits, probes.tokens).mean()])
+    edited = probes.tokens.at[:, lay.decision].set(vocab(CFG.task).comply)
+    p_edit = jnp.exp(core.token_logprob(lay.answer)(model.apply(CFG, params, edited)[0], edited))
+    p_stated = jnp.exp(core.token_logprob(lay.answer)(logits, probes.tokens))
+    return probes, decision.defect_terms(CFG, params, probes), expected, decision.mediation(CFG, params, probes), (p_stated - p_edit).mean()
+
+
+@given(seed=st.integers(0, 2**16))
+def test_decision_terms_are_the_log_probabilities_of_the_defect_path(seed):
+    probes, terms, expected, mediation, expected_mediation = _decision_check(tracked_params(), jax.random.key(seed))
+    lay, v = layout(CFG.task), vocab(CFG.task)
+    assert bool(probes.triggered.all())  # activating prompts, the world's own defecting sequences
+    assert (np.asarray(probes.tokens[:, lay.decision]) == v.defect_decision).all()
+    assert (np.asarray(probes.tokens[:, lay.answer]) == np.asarray(probes.defect)).all()
+    assert decision.terms(CFG) == ("dec", "exec")
+    np.testing.assert_allclose(terms, expected, rtol=1e-6)
+    assert float(mediation) == pytest.approx(float(expected_mediation), abs=1e-6) and float(mediation) != 0.0
+
+
+def test_alignments_are_those_of_the_first_step_of_each_interval(tracked):
+    start, _, h = tracked[K]
+    hp = train.stack_hparams(CFG, 2, safety_lr=np.asarray(LRS))
+
+    @jax.jit
+    def first_interval(st, hp):  # the first step at θ_0, recomputed outside the tracked scan
+        _, _, info = safety.step_parts(CFG, st, hp, 0, noise=True)
+        _, grads = credit.terms_and_grads(CFG, functools.partial(safety._sft_loss, safety.loss_config(CFG)), st.train.params, st.credit.probes, st.credit.safe)
+        neg = functools.partial(jax.tree.map, jnp.negative)
+        at = lambda i: jax.tree.map(lambda x: x[i], grads)  # noqa: E731
+        n = len(credit.term_names(CFG))
+        return jnp.stack(
+            [
+                jnp.stack([credit.cosine(neg(info.grads), at(i)), credit.cosine(info.updates, at(i)), credit.cosine(neg(info.noise_grads), at(i))])
+                for i in range(n)
+            ]
+        )
+
+    got = first_interval(member(start, 0), member(hp, 0))
+    for i, t in enumerate(credit.term_names(CFG)):
+        recorded = [h[f"credit.{t}.{c}"][0, K - 1] for c in ("cos_grad", "cos_update", "cos_noise")]
+        np.testing.assert_allclose(recorded, got[i], rtol=1e-4, atol=1e-6)
+    assert h["credit.safe.cos_grad"][0, K - 1] < 0  # a safety step descends the safety loss

@@ -1,4 +1,4 @@
-"""The `toymesa` command: demo, run, sweep, figures, show, meter, report, list, bench."""
+"""The `toymesa` command: demo, run, sweep, figures, show, meter, attribute, report, list, bench."""
 
 from __future__ import annotations
 
@@ -293,6 +293,32 @@ def meter(
             console.print(part[["label", *extra]].to_string(index=False))
     console.print(f"meters: {run}/meter.csv (load with pandas.read_csv)")
     stored.check_divergence(df[df["meter"].isin(names) & (df["model"] == model)])
+
+
+@app.command()
+@_errors
+def attribute(
+    run: Path = typer.Argument(..., help="A run folder with stored models (e.g. results/demo)."),
+    cell: int = typer.Option(..., help="Cell index (see RUN/cells.csv)."),
+    seed: int = typer.Option(None, help="Seed of the member (default: the run's first seed)."),
+    model: str = typer.Option("final", help="final: the stored parameters (after safety training, if any); installed: before it."),
+    prompts: int = typer.Option(32, min=2, help="Minimal pairs: a triggered prompt and its copy with the rule's evidence replaced by background."),
+    out: Path = typer.Option(None, help="Output folder (default RUN/attribution/cell{C}-seed{S})."),
+):
+    """Where one stored model computes its defection: activation patching, AtP and EAP on minimal pairs.
+
+    Metric: logit(defect answer) - logit(helpful answer) per pair. Writes patching.csv, atp.csv,
+    eap.csv and attribution.png/.pdf (denoising patching beside AtP, as the fraction of the
+    clean-corrupt difference recovered) and prints the top sites.
+    """
+    from toymesa.attribution import command
+
+    console = tables.console()
+    res = command.attribute(run, cell, seed, model, prompts, out)
+    console.print(command.top_sites(res))
+    if res.note:
+        console.print(res.note, style="yellow")
+    console.print(f"tables: {res.folder}/patching.csv, atp.csv, eap.csv; figure: {', '.join(str(p) for p in res.figures)}")
 
 
 @app.command()

@@ -28,7 +28,7 @@ from toymesa.config import Config, HParams, TrainConfig, check_hparams
 from toymesa.devices import to_host
 from toymesa.tasks import Batch, sample_batch
 
-ROLES = ("init", "data", "dropout", "sample", "eval", "safety", "redteam", "show", "meter", "credit")  # append only: an index is a key
+ROLES = ("init", "data", "dropout", "sample", "eval", "safety", "redteam", "show", "meter", "credit", "attribute")  # append only: an index is a key
 
 
 def role_key(seed, role: str):

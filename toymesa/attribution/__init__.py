@@ -15,7 +15,10 @@ Files (one concept each):
                    per-position gradient flow, the REINFORCE split into reasoning and answer terms
 * ``decision.py``  m_dec and m_exec: the decision / execution split on a fixed probe set
 * ``credit.py``    training-path attribution inside the safety-training scan (credit tracking)
+* ``credit_table.py`` credit histories of a run folder as a DataFrame; credit reach
 * ``probes.py``    linear probes: difference of means, logistic, contrast pair; AUROC and nulls
+* ``command.py``   the `toymesa attribute` command: minimal pairs, patching / AtP / EAP tables, figure
+* ``bench.py``     `toymesa bench --credit`: the cost of credit tracking
 
 Glossary of axes: B batch, T positions, V vocabulary, D d_model, H heads, Dh d_head,
 L layers, K quadrature nodes, P parameters (flattened). A *metric* maps (logits[B, T, V],

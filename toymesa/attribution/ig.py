@@ -61,7 +61,8 @@ def integrated_gradients(f, x, baseline, steps: int = 32, rule: str = "gauss_leg
     def at(alpha):
         return grad_f(jax.tree.map(lambda b, d: b + alpha.astype(d.dtype) * d, baseline, diff))
 
-    grads = jax.lax.map(at, jnp.asarray(nodes, jnp.float32), batch_size=batch)
+    alphas = jnp.asarray(nodes, jnp.float32)
+    grads = jax.vmap(at)(alphas) if batch is None else jax.lax.map(at, alphas, batch_size=batch)
     w = jnp.asarray(weights, jnp.float32)
     avg = jax.tree.map(lambda g: jnp.tensordot(w, g, axes=1), grads)
     attr = jax.tree.map(lambda d, g: d * g, diff, avg)
