@@ -4,8 +4,10 @@
 
 Completeness: sum_i IG_i = f(x) - f(x'); with a quadrature rule of K nodes the sum misses
 by the rule's error, returned as the *residual* (Captum's "convergence delta"):
-residual = sum IG - (f(x) - f(x')). One left-Riemann node is gradient x (x - x'), which at
-a site is attribution patching (`toymesa.attribution.atp`).
+residual = sum IG - (f(x) - f(x')). One left-Riemann node is (x - x') times the gradient at
+the *baseline* x': at a site, attribution patching (`toymesa.attribution.atp`). Gradient x
+(input - baseline) with the gradient at the input (`gradients.grad_times_delta`) is the same
+node taken from the other end of the path.
 
 Rules (nodes a_k and weights w_k on [0, 1]): ``gauss_legendre`` (exact for polynomial
 integrands of degree 2K-1), ``riemann_left``, ``riemann_right``, ``riemann_mid``,
