@@ -364,6 +364,7 @@ def bench(
     repeats: int = typer.Option(3, min=1, help="Timed calls per measurement (the best is kept)."),
     torch: bool = typer.Option(True, help="Include the PyTorch eager baseline when torch is installed."),
     meters: bool = typer.Option(False, "--meters", help="Benchmark the meters instead (one LLC, a population of 8, a prequential code)."),
+    credit: bool = typer.Option(False, "--credit", help="Benchmark credit tracking instead (16 members of safety SFT, tracked every k steps vs not)."),
 ):
     """Benchmark training throughput on this machine, as ratios measured side by side.
 
@@ -373,10 +374,11 @@ def bench(
     """
     from toymesa import bench as bench_mod
 
-    if meters:
+    if meters or credit:
+        from toymesa.attribution import bench as credit_bench
         from toymesa.meter import bench as meter_bench
 
-        meter_bench.run(echo=tables.console().print)
+        (meter_bench if meters else credit_bench).run(echo=tables.console().print)
         return
     bench_mod.main(
         [int(s) for s in sizes.split(",")],

@@ -138,12 +138,13 @@ def term_names(cfg: Config) -> tuple[str, ...]:
 
 
 def terms_and_grads(cfg: Config, safe_loss, params, probes: Batch, safe: Batch):
-    """(float32[n_terms] values, ∇ of each: leaves [n_terms, ...]); one forward per data set."""
-
-    def values(p):
-        return jnp.concatenate([safe_loss(p, safe)[None], decision.defect_terms(cfg, p, probes)])
-
-    return values(params), jax.jacrev(values)(params)
+    """(float32[n_terms] values, ∇ of each: leaves [n_terms, ...]); one forward per data set, and
+    one backward per term through its own data set only."""
+    v_safe, g_safe = jax.value_and_grad(safe_loss)(params, safe)
+    terms, vjp = jax.vjp(lambda p: decision.defect_terms(cfg, p, probes), params)
+    (g_terms,) = jax.vmap(vjp)(jnp.eye(terms.shape[0], dtype=terms.dtype))
+    grads = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), g_safe, g_terms)
+    return jnp.concatenate([v_safe[None], terms]), grads
 
 
 def init(cfg: Config, params, safe_loss, safe: Batch, probes: Batch) -> CreditState:
