@@ -21,7 +21,7 @@ from toymesa.config import Config, SafetyConfig, TaskConfig, TrainConfig
 from toymesa.presets import tiny
 from toymesa.tasks import layout, vocab
 
-K, STEPS = 3, 8  # tracked after steps 3, 6 and 8 (the end of the chunk)
+K, STEPS = 3, 6  # tracked after steps 3 and 6 (a chunk that ends off the k-grid: the slow sweep test)
 CFG = Config(
     model=tiny(),
     task=TaskConfig(rule="single", reasoning="cot"),
@@ -57,14 +57,14 @@ def test_tracking_leaves_training_unchanged(tracked):
         assert np.array_equal(ha[key], hb[key], equal_nan=True)
 
 
-def test_tracked_steps_are_every_k_and_the_end_of_the_chunk(tracked):
+def test_tracked_steps_are_every_k(tracked):
     _, _, h = tracked[K]
     assert set(credit.history_keys(CFG)) <= set(h)
     for key in credit.history_keys(CFG):
         assert h[key].shape == (2, STEPS)
         tracked_at = np.flatnonzero(np.isfinite(h[key][0])) + 1
         if not key.endswith("cos_noise"):
-            assert tracked_at.tolist() == [3, 6, 8], key
+            assert tracked_at.tolist() == [3, 6], key
 
 
 def test_values_are_the_metrics_of_the_parameters_reached(tracked):
@@ -158,7 +158,7 @@ def test_stored_histories_load_as_a_tidy_dataframe(tracked, tmp_path):
     _, _, h = tracked[K]
     store.save_arrays({"cell": np.array([0, 0]), "seed": np.array([0, 1]), **{f"hist.{k}": v for k, v in h.items()}}, tmp_path / "chunks" / "c0.npz")
     df = credit_table.reach(credit_table.load(tmp_path))
-    assert len(df) == 2 * 3 * len(credit.term_names(CFG))  # members x tracked steps x terms
+    assert len(df) == 2 * 2 * len(credit.term_names(CFG))  # members x tracked steps x terms
     row = df[(df["seed"] == 1) & (df["step"] == STEPS) & (df["term"] == "exec")].iloc[0]
     assert row["value"] == h["credit.exec"][1, -1] and row["residual"] == h["credit.exec.residual"][1, -1]
     assert row["dM"] == pytest.approx(sum(h[f"credit.exec.dM.{g}"][1, -1] for g in credit.group_names(CFG)), rel=1e-6)

@@ -225,8 +225,12 @@ def test_bad_safety_configs_say_what_to_do():
 
 
 # ----------------------------------------------------------------- zero learning rate
-@pytest.mark.parametrize("method", ["sft_pre", "sft_post", "sft_full", "rl", "adversarial"])
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+METHODS = ["sft_pre", "sft_post", "sft_full", "rl", "adversarial"]
+# every method with AdamW; SGD once here (the optimizer does not depend on the method), the other four under make test-slow
+OPTIMIZER_CASES = [("adamw", m) for m in METHODS] + [pytest.param("sgd", m, marks=[pytest.mark.slow] if m != "sft_pre" else []) for m in METHODS]
+
+
+@pytest.mark.parametrize(("optimizer", "method"), OPTIMIZER_CASES)
 def test_zero_learning_rate_leaves_parameters_unchanged(params, method, optimizer):
     cfg = _cfg(method, optimizer=optimizer, kl=0.1 if method == "rl" else 0.0)
     seeds = jnp.arange(2)
