@@ -51,6 +51,7 @@ def test_theory_note_shows_the_stored_table():
     assert re.search(rf"{STORED['setting']['draws']:,} draws", note)
 
 
+@pytest.mark.slow  # the stored table is checked in make test; rerunning cases is statistical work
 @pytest.mark.parametrize(("widths", "r"), [((2, 2, 8), 1), ((4, 3, 3, 4), 1)])
 def test_a_validation_case_reruns_within_tolerance(widths, r):
     row = V.measure(widths, r)

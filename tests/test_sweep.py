@@ -215,6 +215,7 @@ def test_sharded_over_four_cpu_devices_equals_unsharded(finished, tmp_path):
     compare_runs(tmp_path / "out", out, exact=False)
 
 
+@pytest.mark.slow  # 40 s of subprocess sweeps; resuming is also checked in-process by the tests around it
 def test_killed_sweep_resumes_to_identical_results(tmp_path):
     spec_path = write_spec(tmp_path / "spec.toml", steps=300, every=100, chunk=1)
     s = spec.load(spec_path)
