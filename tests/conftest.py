@@ -6,7 +6,6 @@ compiled once per session; hypothesis draws values (seeds, positions, rates), ne
 
 import dataclasses
 import os
-import tempfile
 
 # XLA's CPU backend at optimisation level 0 compiles about twice as fast, and compiles dominate
 # this suite's time; the programs' semantics do not change. Set XLA_FLAGS yourself (e.g.
@@ -17,14 +16,6 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
-
-# The xdist workers are separate processes that compile many of the same programs (session
-# fixtures, shared configs); one compilation cache per test run lets the second reuse the first's
-# work. It starts empty each run (keyed by the run's id), so every test still compiles once.
-_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-if _run and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), f"toymesa-test-xla-{_run}"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "standard")

@@ -176,6 +176,7 @@ def test_null_band_of_known_values():
     assert float(mad) == pytest.approx(np.abs(np.linspace(0, 1, 101) - 0.5).mean(), abs=1e-6)
 
 
+@pytest.mark.slow  # 40 data sets; the null band itself is checked above
 def test_diff_of_means_on_noise_labels_lands_in_the_null_band():
     """Labels independent of the activations: the held-out AUROC of the fitted direction is
     chance, inside the random-direction band of the same test set, in ~95% of 40 datasets."""

@@ -78,6 +78,7 @@ def test_prompts_from_text_take_the_rules_labels(cfg):
         show.prompts_from_text(cfg, ["BOS T0 d1 d5 d2 c3 d2 SEP"])
 
 
+@pytest.mark.slow  # 9 s; the show command test above runs the same decoding path
 def test_completions_agree_with_the_metrics(cfg, tiny_params):
     """Each row's outcome is `evaluate.outcome` of the decoded sequence, its completion the
     decoded tokens' names, and the rows' defect share per class is the metric."""

@@ -124,6 +124,7 @@ def test_training_metric_is_the_window_mean_of_the_history(finished):
         np.testing.assert_allclose(row["loss"].item(), hist["loss"][i, 3:6].mean(), rtol=1e-6)
 
 
+@pytest.mark.slow  # 14 s: retrains a member from scratch
 def test_stored_parameters_are_the_trained_member(finished):
     s, out = finished
     cell = s.cells()[1]
