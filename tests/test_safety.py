@@ -227,7 +227,8 @@ def test_bad_safety_configs_say_what_to_do():
 # ----------------------------------------------------------------- zero learning rate
 METHODS = ["sft_pre", "sft_post", "sft_full", "rl", "adversarial"]
 FAST = ("sft_pre", "rl", "adversarial")  # sft_post and sft_full share sft_pre's update path; all five run under make test-slow
-OPTIMIZER_CASES = [pytest.param(o, m, marks=[] if (o, m) in {("sgd", "sft_pre"), *(("adamw", f) for f in FAST)} else [pytest.mark.slow]) for o in ("adamw", "sgd") for m in METHODS]
+FAST_CASES = {("sgd", "sft_pre"), *(("adamw", f) for f in FAST)}
+OPTIMIZER_CASES = [pytest.param(o, m, marks=[] if (o, m) in FAST_CASES else [pytest.mark.slow]) for o in ("adamw", "sgd") for m in METHODS]
 
 
 @pytest.mark.parametrize(("optimizer", "method"), OPTIMIZER_CASES)
