@@ -8,7 +8,7 @@ set of safety prompts, and the defect-path terms of `decision`), with no checkpo
 summed over tracked points s every `credit_every` = k safety steps (and the end of every
 compiled chunk). The trapezoid rule is exact for quadratic m; otherwise the residual is
 O(‖θ_{s+1} - θ_s‖³) per interval, so it grows with k: it is recorded, never hidden. ΔM splits
-exactly by parameter group (`GROUPS`) and by term. At each tracked point s the first safety
+exactly by parameter group (`group_names`) and by term. At each tracked point s the first safety
 step of the interval also gives the alignments
 
     cos(-g_safe, ∇m),  cos(Δθ_update, ∇m),  cos(-g_shuffled, ∇m)
@@ -33,13 +33,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from toymesa.attribution import decision, gradients, reasoning
 from toymesa.config import Config
 from toymesa.tasks import Batch, layout
 from toymesa.train import masked_loss
-
-GROUPS = ("embed", "attn", "mlp", "norm", "unembed")  # attn and mlp per layer: attn0, mlp0, ...
 
 
 class StepInfo(NamedTuple):
@@ -97,8 +96,7 @@ def interval_dM(cfg: Config, delta, g_old, g_new):
 
 def share(part, whole):
     """⟨part, whole⟩ / ‖whole‖²: the share of `whole` that `part` carries (shares of a partition add to 1)."""
-    num = sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(part), jax.tree.leaves(whole), strict=True))
-    return num / jnp.maximum(sum(jnp.vdot(y, y) for y in jax.tree.leaves(whole)), 1e-30)
+    return optax.tree.vdot(part, whole) / jnp.maximum(optax.tree.vdot(whole, whole), 1e-30)
 
 
 def step_shares(data_cfg: Config, params, grads, batch: Batch | None = None, tokens=None, advantage=None) -> dict:
@@ -127,9 +125,7 @@ def step_shares(data_cfg: Config, params, grads, batch: Batch | None = None, tok
 
 def cosine(a, b):
     """cos of the angle between two pytrees (0 when either is zero)."""
-    ab = sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-    na = jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree.leaves(a)))
-    nb = jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree.leaves(b)))
+    ab, na, nb = optax.tree.vdot(a, b), optax.tree.norm(a), optax.tree.norm(b)
     return jnp.where((na > 0) & (nb > 0), ab / jnp.maximum(na * nb, 1e-30), 0.0)
 
 
