@@ -1,4 +1,4 @@
-"""The `toymesa` command: demo, run, sweep, figures, show, meter, attribute, report, list, bench."""
+"""The `toymesa` command: demo, run, sweep, figures, show, meter, attribute, verify, claims, report, list, bench."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from toymesa import tables
+from toymesa import cli_stored, tables
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="toymesa: falsifiable toy experiments on mesa-optimization.")
 
@@ -125,7 +125,7 @@ def _nonfinite_warning(console, out: Path) -> bool:
 
 
 def _finish(console, exp, out: Path):
-    from toymesa import runs
+    from toymesa import runs, store
 
     summary = exp.table(out)
     shown = ("installed", "installed_defection", "defection", "triggered_defection", "untriggered_defection", "helpful_accuracy")
@@ -134,7 +134,10 @@ def _finish(console, exp, out: Path):
     if label == "cell":
         summary = summary.assign(cell=runs.cell_labels(summary))
     tables.print_table(console, f"{exp.name}: final behaviour, mean over seeds [95% bootstrap CI]", summary, label, metrics)
-    tables.print_verdicts(console, exp.verdicts(out))
+    verdicts = exp.verdicts(out)
+    tables.print_verdicts(console, verdicts)
+    if not verdicts.empty:  # re-derived and compared by `toymesa verify`
+        store.save_frame(verdicts, out / "verdicts.csv")
     paths = exp.figures(out)
     console.print(f"results: {out}/results.csv (load with toymesa.runs.load); figures: {', '.join(str(p) for p in paths if p.suffix == '.png')}")
     if _nonfinite_warning(console, out):
@@ -323,41 +326,6 @@ def attribute(
 
 @app.command()
 @_errors
-def report(
-    results: Path = typer.Argument(None, help="A run folder, or a folder of run folders (default: every experiment's stored results; see `toymesa list`)."),
-    out: Path = typer.Option(None, help="HTML file to write (default: report.html inside RESULTS, or results/report.html without RESULTS)."),
-):
-    """Write one HTML page with every run's hypotheses, verdicts, tables, figures and metadata."""
-    from toymesa import experiment
-    from toymesa import report as report_mod
-
-    if results is None:
-        typer.echo(f"wrote {report_mod.write(experiment.stored_runs(RESULTS), RESULTS / 'report.html' if out is None else out)}")
-    else:
-        typer.echo(f"wrote {report_mod.write(results, out)}")
-
-
-@app.command("list")
-@_errors
-def list_cmd():
-    """List the experiments (built-in demo and experiments/*/spec.toml) and their stored results."""
-    from toymesa import experiment
-
-    console = tables.console()
-    for name, exp in experiment.discover().items():
-        s = exp.spec()
-        where = experiment.results_dir(name, RESULTS)
-        state = experiment.run_state(where)
-        shown = where or RESULTS / name
-        if shown.is_absolute() and shown.is_relative_to(Path.cwd()):
-            shown = shown.relative_to(Path.cwd())  # as the user would type it
-        # soft_wrap: a long path stays one line (copyable), whatever the console width
-        console.print(f"{name}  {len(s.cells())} cells x {len(s.seeds)} seeds  results: {shown} ({state})", style="bold", soft_wrap=True)
-        console.print(f"    {' '.join(s.description.split())}")
-
-
-@app.command()
-@_errors
 def bench(
     sizes: str = typer.Option("1,8,64", help="Population sizes to time, comma-separated."),
     steps: int = typer.Option(20, min=2, help="Training steps per timed call."),
@@ -387,6 +355,10 @@ def bench(
         with_torch=torch,
         echo=functools.partial(tables.console().print, markup=False, highlight=False),
     )
+
+
+for _fn in (cli_stored.verify, cli_stored.claims, cli_stored.report, cli_stored.list_cmd):  # commands that read stored runs
+    app.command(_fn.__name__.removesuffix("_cmd"))(_errors(_fn))
 
 
 def main():

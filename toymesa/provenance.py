@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -22,7 +23,9 @@ PACKAGE = Path(toymesa.__file__).resolve().parent
 READERS = frozenset(
     {
         "bench.py",
+        "claims.py",
         "cli.py",
+        "cli_stored.py",
         "demo.py",
         "experiment.py",
         "parts.py",
@@ -36,6 +39,7 @@ READERS = frozenset(
         "spec_fields.py",
         "stats.py",
         "torch_baseline.py",
+        "verify.py",
     }
 )  # spec*.py and demo.py only build Configs, which the cache keys hold themselves; show.py only decodes
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "pandas")
@@ -68,6 +72,21 @@ def git_commit() -> str | None:
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def machine() -> dict:
+    """The machine type results were computed on: architecture, CPU model, CPU count. Two runs
+    agree bit for bit only on the same type (XLA's CPU code is compiled for the host's
+    instruction set) with the same library versions (`versions`)."""
+    cpu = platform.processor() or None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return {"arch": platform.machine(), "cpu": cpu, "cpus": os.cpu_count()}
 
 
 def versions() -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from toymesa import experiment, store
+from toymesa import experiment, store, verify
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 .scroll{overflow-x:auto;max-width:100%}
@@ -141,7 +141,8 @@ def _seeds(seeds: list) -> str:
 
 def meta_html(out: Path, meta: dict) -> str:
     """Run metadata as a definition list: folder, created, git commit, devices, compute
-    seconds (from log.jsonl), seeds, run settings, library versions."""
+    seconds (from log.jsonl), seeds, run settings, digests, whether and when `toymesa verify`
+    recomputed it (RUN/verified.json), machine type, library versions."""
     log = out / "log.jsonl"
     seconds = sum(json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip()) if log.exists() else None
     items = {
@@ -154,6 +155,9 @@ def meta_html(out: Path, meta: dict) -> str:
         "seeds": _seeds(list(meta["seeds"])) if meta.get("seeds") is not None else None,
         "run settings": _pairs(meta["run"]) if isinstance(meta.get("run"), dict) else None,
         "spec digest": meta.get("digest"),
+        "code digest": meta.get("code_digest") or "not recorded",
+        "verification": verify.status(out),
+        "machine": _pairs(meta["machine"]) if isinstance(meta.get("machine"), dict) else None,
         "versions": _pairs(meta["versions"]) if isinstance(meta.get("versions"), dict) else None,
     }
     rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items.items() if v is not None)

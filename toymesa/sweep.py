@@ -257,6 +257,8 @@ def _prepare(spec: Spec, out: Path, fresh: bool, analysis: Path | None, roots) -
             "spec.toml",
             "figures",
             "report.html",
+            "verified.json",
+            "claims.json",
         ):
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
@@ -291,6 +293,7 @@ def _prepare(spec: Spec, out: Path, fresh: bool, analysis: Path | None, roots) -
         "git_commit": commit,
         "versions": provenance.versions(),
         "devices": devices.describe(),
+        "machine": provenance.machine(),
         "host": platform.node(),
     }
     store.save_json(meta, meta_path)

@@ -1,0 +1,113 @@
+"""The ledger of published numbers: every README number from a run cites a claim whose ledger
+re-derives from the stored results, and a README number or ledger value that disagrees is
+caught and named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from toymesa import claims
+
+SHIPPED = sorted(p.parent for p in (claims.ROOT / "experiments").glob("*/results/claims.json"))
+
+
+def test_every_readme_number_cites_its_ledger():
+    problems = claims.check_docs()
+    assert not problems, "\n".join(problems[:40])
+
+
+@pytest.mark.parametrize("out", SHIPPED, ids=[p.parent.name for p in SHIPPED])
+def test_each_shipped_ledger_re_derives_from_its_stored_results(out):
+    stored = json.loads((out / claims.LEDGER).read_text())
+    assert claims.differences(stored, claims.derive(out)) == []
+
+
+def test_every_ledger_a_readme_cites_exists_and_names_its_run():
+    names = {m.group(1) for d in claims.DOCS for m in claims.MARK.finditer((claims.ROOT / d).read_text())}
+    assert names, "the READMEs cite no ledger"
+    for n in names:
+        ledger = json.loads(claims.ledger_path(n).read_text())
+        assert ledger["ledger"] == n and ledger["run"] and ledger["command"] and ledger["claims"]
+
+
+def _root_with(tmp_path, ledger: dict, text: str):
+    """A repository root holding one ledger (docs/claims/x.json) and one README."""
+    (tmp_path / "docs" / "claims").mkdir(parents=True)
+    (tmp_path / "docs" / "claims" / "x.json").write_text(json.dumps(ledger))
+    (tmp_path / "README.md").write_text(text)
+    return tmp_path
+
+
+LEDGER = {
+    "ledger": "x",
+    "run": "results/x",
+    "command": "toymesa run x",
+    "claims": {
+        "gap": {"text": "+0.703 [+0.607, +0.798]", "value": 0.703, "lo": 0.607, "hi": 0.798},
+        "kept": {"text": "61.9% [55.0, 70.1]", "value": 0.619, "lo": 0.55, "hi": 0.701},
+        "table": {"text": "| a | b |\n|---|---|\n| 1 | 2 |"},
+    },
+}
+README = (
+    "The gap is <!--c x/gap-->+0.703 [+0.607, +0.798]<!--/c-->; kept <!--c x/kept pct-->61.9%<!--/c--> "
+    + "(<!--c x/kept pct0-->62%<!--/c-->).\n\n<!--c x/table-->\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n<!--/c-->\n"
+    + "```\n12.5% in a code block is output, not a claim\n```\n"
+)
+
+
+def test_a_tampered_readme_number_is_named_with_both_values(tmp_path):
+    root = _root_with(tmp_path, LEDGER, README)
+    assert claims.check_docs(root, ["README.md"]) == []
+    (root / "README.md").write_text(README.replace("62%", "64%"))
+    assert claims.check_docs(root, ["README.md"]) == ["README.md:1: x/kept: README says '64%', ledger says '62%'"]
+    (root / "README.md").write_text(README.replace("| 1 | 2 |\n\n", "| 1 | 3 |\n\n"))
+    assert claims.check_docs(root, ["README.md"])[0].startswith("README.md:3: x/table: README says ")
+
+
+def test_a_tampered_ledger_value_is_caught(tmp_path):
+    changed = json.loads(json.dumps(LEDGER))
+    changed["claims"]["gap"]["text"] = "+0.702 [+0.607, +0.798]"
+    root = _root_with(tmp_path, changed, README)
+    assert claims.check_docs(root, ["README.md"]) == ["README.md:1: x/gap: README says '+0.703 [+0.607, +0.798]', ledger says '+0.702 [+0.607, +0.798]'"]
+    assert claims.differences(LEDGER, changed) == ["gap: '+0.703 [+0.607, +0.798]' stored, '+0.702 [+0.607, +0.798]' re-derived"]
+
+
+def test_unknown_claims_and_uncited_results_are_reported(tmp_path):
+    root = _root_with(tmp_path, LEDGER, "a <!--c x/nope-->1<!--/c--> b <!--c y/gap-->2<!--/c--> c 55% d [0.1, 0.2] `7.5%`\n")
+    problems = claims.check_docs(root, ["README.md"])
+    assert problems[0] == "README.md:1: x/nope: no such claim in docs/claims/x.json"
+    assert problems[1].startswith("README.md:1: ledger 'y' not found")
+    assert [p.split("'")[1] for p in problems[2:]] == ["55%", "[0.1, 0.2]"]  # inline code is exempt
+
+
+def test_fill_rewrites_cited_numbers_from_the_ledger_and_nothing_else(tmp_path):
+    stale = README.replace("62%", "64%").replace("| 1 | 2 |\n\n", "| 1 | 3 |\n\n")
+    root = _root_with(tmp_path, LEDGER, stale)
+    assert claims.fill_docs(root, ["README.md"]) == ["README.md"]
+    assert (root / "README.md").read_text() == README
+    assert claims.fill_docs(root, ["README.md"]) == []  # idempotent
+
+
+def test_formats_render_value_and_ci():
+    assert claims.fmt(0.619, 0.55, 0.701, "pctci") == "61.9% [55.0, 70.1]"
+    assert claims.fmt(0.703, 0.607, 0.798) == "+0.703 [+0.607, +0.798]"
+    assert claims.fmt(12.345, spec="{v:.1f} s") == "12.3 s"
+    c = claims.number(0.5, 0.25, 0.75, "pctci0")
+    assert (c.text, c.value, c.lo, c.hi) == ("50% [25, 75]", 0.5, 0.25, 0.75)
+
+
+def test_a_run_ledger_is_derived_from_stored_results_and_checked(tmp_path):
+    src = claims.ROOT / "experiments" / "persistence_v2" / "results"
+    out = tmp_path / "results"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("chunks", "figures", "installs"))
+    ledger = claims.derive(out)
+    assert ledger["ledger"] == "persistence_v2" and ledger["code_digest"] == json.loads((src / "meta.json").read_text())["code_digest"]
+    for table in ("summary.csv", "results.csv"):
+        df = pd.read_csv(out / table)
+        df["triggered_defection"] = df["triggered_defection"] * 0.9
+        df.to_csv(out / table, index=False)
+    assert claims.differences(ledger, claims.derive(out)), "changed stored tables must change the ledger"
