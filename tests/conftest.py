@@ -59,3 +59,28 @@ def variant_params(variant_cfg):
     from toymesa import model
 
     return model.init_params(variant_cfg, jax.random.key(1))
+
+
+TINY_RUN = {
+    "name": "tinyrun",
+    "seeds": [3, 5],
+    "base": {"model": "tiny", "task": {"rule": "latent", "seq_len": "min"}, "train": {"steps": 6, "batch_size": 8}},
+    "grid": {"hparams": {"lr": [1e-3, 3e-3]}},  # one shape group: one chunk, one compile
+    "run": {"eval_prompts": 8},
+    "hypotheses": [
+        {"id": "H1", "statement": "s", "prediction": "p", "metric": "triggered_defection", "rule": {"confirm": "low > 0.5", "refute": "high < 0.5"}}
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A stored run folder of the tiny model (2 cells x 2 seeds, 6 steps), as `toymesa run`
+    writes it (verdicts.csv included). Shared by the commands that read stored runs (show,
+    meter, verify): a test that changes it works on a copy, except for files it adds."""
+    from toymesa import experiment, spec, store, sweep
+
+    out = tmp_path_factory.mktemp("tinyrun") / "run"
+    sweep.run(spec.parse(TINY_RUN), out, progress=False, echo=lambda *_: None)
+    store.save_frame(experiment.for_results(out).verdicts(out), out / "verdicts.csv")
+    return out

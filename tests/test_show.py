@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from toymesa import cli, evaluate, show, spec, sweep
+from toymesa import cli, evaluate, show
 from toymesa.config import Config, TaskConfig, TrainConfig
 from toymesa.presets import tiny
 from toymesa.tasks import BOS, EOS, PAD, SEP, balanced, describe, parse_tokens, token_names, vocab
@@ -106,17 +106,8 @@ def test_sampled_completions_need_a_key(cfg, tiny_params):
 
 
 @pytest.fixture(scope="module")
-def run_folder(tmp_path_factory):
-    raw = {
-        "name": "tinyshow",
-        "seeds": [3, 5],
-        "base": {"model": "tiny", "task": {"rule": "latent", "seq_len": "min"}, "train": {"steps": 6, "batch_size": 8}},
-        "grid": {"hparams": {"lr": [1e-3, 3e-3]}},  # one shape group: one compile
-        "run": {"eval_prompts": 8},
-    }
-    out = tmp_path_factory.mktemp("show") / "run"
-    sweep.run(spec.parse(raw), out, progress=False, echo=lambda *_: None)
-    return out
+def run_folder(tiny_run):
+    return tiny_run
 
 
 def test_show_command_prints_named_completions(run_folder):

@@ -11,25 +11,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from toymesa import cli, experiment, provenance, report, runs, spec, store, sweep, verify
+from toymesa import cli, provenance, report, runs, store, verify
 
 
 @pytest.fixture(scope="module")
-def run_folder(tmp_path_factory):
-    raw = {
-        "name": "tinyverify",
-        "seeds": [3, 5],
-        "base": {"model": "tiny", "task": {"rule": "single", "seq_len": "min"}, "train": {"steps": 6, "batch_size": 8}},
-        "grid": {"hparams": {"lr": [1e-3, 3e-3]}},  # one shape group: one chunk
-        "run": {"eval_prompts": 8},
-        "hypotheses": [
-            {"id": "H1", "statement": "s", "prediction": "p", "metric": "triggered_defection", "rule": {"confirm": "low > 0.5", "refute": "high < 0.5"}}
-        ],
-    }
-    out = tmp_path_factory.mktemp("verify") / "run"
-    sweep.run(spec.parse(raw), out, progress=False, echo=lambda *_: None)
-    store.save_frame(experiment.for_results(out).verdicts(out), out / "verdicts.csv")  # as `toymesa run` does
-    return out
+def run_folder(tiny_run):
+    return tiny_run
 
 
 def _copy(run_folder, tmp_path):
