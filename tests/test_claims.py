@@ -77,11 +77,13 @@ def test_a_tampered_ledger_value_is_caught(tmp_path):
 
 
 def test_unknown_claims_and_uncited_results_are_reported(tmp_path):
-    root = _root_with(tmp_path, LEDGER, "a <!--c x/nope-->1<!--/c--> b <!--c y/gap-->2<!--/c--> c 55% d [0.1, 0.2] `7.5%`\n")
+    text = "a <!--c x/nope-->1<!--/c--> b <!--c y/gap-->2<!--/c--> c 55% d [0.1, 0.2] `7.5%` <!--x test tolerance-->5%<!--/x--> <!--x -->6%<!--/x-->\n"
+    root = _root_with(tmp_path, LEDGER, text)
     problems = claims.check_docs(root, ["README.md"])
     assert problems[0] == "README.md:1: x/nope: no such claim in docs/claims/x.json"
     assert problems[1].startswith("README.md:1: ledger 'y' not found")
-    assert [p.split("'")[1] for p in problems[2:]] == ["55%", "[0.1, 0.2]"]  # inline code is exempt
+    assert problems[2] == "README.md:1: <!--x--> needs a reason: where the number comes from, if not a run"
+    assert [p.split("'")[1] for p in problems[3:]] == ["55%", "[0.1, 0.2]"]  # inline code and numbers marked as not a run's are exempt
 
 
 def test_fill_rewrites_cited_numbers_from_the_ledger_and_nothing_else(tmp_path):

@@ -18,7 +18,9 @@ A README cites a claim by wrapping the printed text in a marker (invisible when 
 claim's value instead of its text: a name of `FORMATS` or a `str.format` string over ``v``,
 ``lo``, ``hi`` and ``p``, ``plo``, ``phi`` (the same times 100). `check_docs` compares every
 marker's text with its ledger and lists result-like numbers (percentages, CIs) outside any
-marker and any code block; `fill_docs` rewrites marker texts from the ledgers.
+marker and any code block; `fill_docs` rewrites marker texts from the ledgers. A number that
+is not a run's result but looks like one (a test tolerance, a benchmark timing, a design
+value) is marked with its source instead: ``<!--x test tolerance-->within 5%<!--/x-->``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ FORMATS = {
     "int": "{v:.0f}",
 }
 MARK = re.compile(r"<!--c ([\w.-]+)/([^\s>]+)(?: ([^>]*?))?-->(.*?)<!--/c-->", re.S)
+NOT_A_RUN = re.compile(r"<!--x ([^>]*?)-->(.*?)<!--/x-->", re.S)
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 RESULT_LIKE = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?%|\[[-+]?\d*\.?\d+%?, [-+]?\d*\.?\d+%?\]")
 
@@ -220,12 +223,20 @@ def check_text(text: str, doc: str, root: Path = ROOT) -> list[str]:
             problems.append(f"{doc}:{line}: {name}/{cid}: no such claim in {ledger_path(name, root).relative_to(root)}")
         elif shown.strip("\n") != want.strip("\n"):
             problems.append(f"{doc}:{line}: {name}/{cid}: README says {_clip(shown)}, ledger says {_clip(want)}")
-    bare = FENCE.sub(lambda f: "\n" * f.group().count("\n"), MARK.sub(lambda m: "\n" * m.group().count("\n"), text))
+    for x in NOT_A_RUN.finditer(text):
+        if not x.group(1).strip():
+            problems.append(f"{doc}:{text.count(chr(10), 0, x.start()) + 1}: <!--x--> needs a reason: where the number comes from, if not a run")
+    bare = FENCE.sub(_blank, NOT_A_RUN.sub(_blank, MARK.sub(_blank, text)))
     bare = re.sub(r"`[^`\n]*`", "", bare)
     for hit in RESULT_LIKE.finditer(bare):
         line = bare.count("\n", 0, hit.start()) + 1
         problems.append(f"{doc}:{line}: {hit.group()!r} looks like a result but cites no claim (wrap it in <!--c LEDGER/ID-->...<!--/c-->)")
     return problems
+
+
+def _blank(m) -> str:
+    """A match replaced by its line breaks only (line numbers stay right)."""
+    return "\n" * m.group().count("\n")
 
 
 def _clip(s: str) -> str:
