@@ -121,3 +121,11 @@ def test_a_run_ledger_is_derived_from_stored_results_and_checked(tiny_run, tmp_p
     assert claims.differences(ledger, claims.derive(out)) == [
         f"cell.1.helpful_accuracy: {c['text']!r} stored, '12.3% [{100 * c['lo']:.1f}, {100 * c['hi']:.1f}]' re-derived"
     ]
+
+
+def test_a_marker_that_opens_a_paragraph_line_is_reported(tmp_path):
+    text = "Kept\n<!--c x/kept pct-->61.9%<!--/c--> of it.\n\n<!--c x/table-->\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n<!--/c-->\n```\nx\n<!-- in code -->\n```\n"
+    root = _root_with(tmp_path, LEDGER, text)
+    assert claims.check_docs(root, ["README.md"]) == [
+        "README.md:2: a marker opens a line inside a paragraph (markdown would end the paragraph there); move it after a word"
+    ]

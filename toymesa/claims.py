@@ -37,7 +37,7 @@ import pandas as pd
 from toymesa import experiment, store
 
 ROOT = experiment.ROOT
-DOCS = ("README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "experiments").glob("*/README.md")))
+DOCS = ("README.md", "experiments/README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "experiments").glob("*/README.md")))
 LEDGER = "claims.json"
 FORMATS = {
     "pct": "{p:.1f}%",
@@ -102,16 +102,30 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def runtime(out: Path) -> dict[str, Claim]:
+    """``runtime.seconds`` and ``runtime.minutes``: the compute time the run's log.jsonl records
+    (the sum over its chunks; installs and compiles included, waiting excluded)."""
+    log = Path(out) / "log.jsonl"
+    if not log.exists():
+        return {}
+    seconds = sum(json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip())
+    return {"runtime.seconds": number(seconds, spec="{v:.0f} s"), "runtime.minutes": number(seconds / 60, spec="{v:.1f} min")}
+
+
 def generic(out: Path) -> dict[str, Claim]:
-    """Claims of an experiment without a claims.py: each hypothesis' verdict and the summary."""
-    exp = experiment.for_results(out)
-    claims = {f"{r['id']}.verdict": Claim(str(r["verdict"]), str(r["verdict"])) for r in exp.verdicts(out).to_dict("records")}
+    """Claims of an experiment without a claims.py: each hypothesis' verdict and evidence, the
+    summary table (``cell.N.METRIC``) and the run's compute time."""
     from toymesa.report import is_rate, metrics
 
+    exp = experiment.for_results(out)
+    claims = {}
+    for r in exp.verdicts(out).to_dict("records"):
+        claims[f"{r['id']}.verdict"] = Claim(str(r["verdict"]), str(r["verdict"]))
+        claims[f"{r['id']}.evidence"] = Claim(str(r.get("evidence", "")))
     summary = pd.read_csv(out / "summary.csv")
     for m in metrics(summary):
         claims |= row_claims(summary, "cell", [m], "cell", "pctci" if is_rate(summary, m) else "ci")
-    return claims
+    return claims | runtime(out)
 
 
 def _module(path: Path):
@@ -223,6 +237,12 @@ def check_text(text: str, doc: str, root: Path = ROOT) -> list[str]:
             problems.append(f"{doc}:{line}: {name}/{cid}: no such claim in {ledger_path(name, root).relative_to(root)}")
         elif shown.strip("\n") != want.strip("\n"):
             problems.append(f"{doc}:{line}: {name}/{cid}: README says {_clip(shown)}, ledger says {_clip(want)}")
+    fenced, before = False, ""
+    for i, line in enumerate(text.split("\n"), start=1):
+        fenced ^= line.startswith("```")
+        if not fenced and line.startswith("<!--") and before.strip() and not before.startswith("|"):
+            problems.append(f"{doc}:{i}: a marker opens a line inside a paragraph (markdown would end the paragraph there); move it after a word")
+        before = line
     for x in NOT_A_RUN.finditer(text):
         if not x.group(1).strip():
             problems.append(f"{doc}:{text.count(chr(10), 0, x.start()) + 1}: <!--x--> needs a reason: where the number comes from, if not a run")
