@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from toymesa import cli, provenance, report, runs, store, verify
+from toymesa import cli, provenance, report, runs, spec, store, sweep, verify
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,29 @@ def test_compare_names_the_largest_difference_and_respects_the_tolerance():
     assert nan[0] == "different" and nan[1] == np.inf  # a NaN where there was a number is never close
     assert "only recomputed: ['y']" in verify.compare(a, a | {"y": np.zeros(1)}, "bitwise")[2]
     assert "stored int64[2], recomputed int32[2]" in verify.compare(a, a | {"n": np.array([1, 2], np.int32)}, "bitwise")[2]
+
+
+def test_shared_installs_are_recomputed_in_the_population_that_trained_them(tmp_path):
+    """Two cells differing only in safety lr share installs; with 4 members per chunk the second
+    chunk loads installs trained in the first chunk's population of 3 (4 with padding). A
+    member's rounding depends on its population's size, so only recomputing each install in its
+    original population agrees bit for bit."""
+    raw = {
+        "name": "tinyshared",
+        "seeds": [3, 5, 7],
+        "base": {
+            "model": "tiny",
+            "task": {"rule": "single", "seq_len": "min"},
+            "train": {"steps": 20, "batch_size": 8},
+            "safety": {"method": "sft_pre", "steps": 4},
+        },
+        "grid": {"hparams": {"safety_lr": [1e-3, 3e-3]}},
+        "run": {"eval_prompts": 8, "chunk_members": 4},
+    }
+    out = tmp_path / "run"
+    sweep.run(spec.parse(raw), out, progress=False, echo=lambda *_: None)
+    chunks = [c for _, c in verify._plan(out, verify.meta(out), verify.stored_spec(out), True)]
+    origins = verify.install_origins(chunks)
+    assert len(chunks) == 2 and {len(origins[k][0]) for k in verify.install_keys(chunks[1])} == {3}  # trained in chunk 0
+    rec = verify.verify(out, sample=None, echo=lambda *_: None, progress=False)
+    assert rec["passed"] and {c["status"] for c in rec["checks"]} == {"identical"}, rec["checks"]

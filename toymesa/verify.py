@@ -7,7 +7,11 @@ settings in meta.json, the device count the run used), never from a spec that ma
 changed since; each rebuilt cell must reproduce the cell id in cells.csv, and with the same
 code each rebuilt chunk must reproduce its stored file name (a hash of everything it depends
 on), so a wrong reconstruction is caught before anything trains. Installs are recomputed too
-(the folder's installs/ are a cache and are not read).
+(the folder's installs/ are a cache and are not read), each in the population that first
+computed it: cells that differ only in their safety phase share installs, which the run trains
+once, in the first chunk (in plan order) that needs them, together with that chunk's other new
+installs; and a member's float rounding depends on its population's size (XLA picks kernels
+by shape), so recomputing an install in another population would not be a bit-for-bit check.
 
 Comparison: bit for bit when the machine type (architecture, CPU model, device count) and the
 numerical libraries' versions equal the run's, since then XLA compiles the same programs;
@@ -29,6 +33,7 @@ import datetime
 import io
 import json
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -179,6 +184,32 @@ def _plan(out: Path, m: dict, spec: StoredSpec, same_code: bool):
     return [(files[s], by_name[s]) for s in sorted(files)]
 
 
+def install_keys(chunk) -> list[str]:
+    """The install cache keys of a chunk's members, padding included (none without safety training)."""
+    from toymesa import sweep
+
+    if chunk.cfg.safety.method == "none":
+        return []
+    pad = chunk.size - chunk.n
+    seeds, hps = chunk.seeds + chunk.seeds[:1] * pad, chunk.hparams + chunk.hparams[:1] * pad
+    return [sweep._member_key(chunk.cfg, s, h) for s, h in zip(seeds, hps, strict=True)]
+
+
+def install_origins(chunks) -> dict[str, tuple]:
+    """For each install key of a run, the population that computed it, as (seeds, hparams) to
+    pass to `toymesa.sweep.installed`: the new installs of the first chunk, in plan order, that
+    needed it (what `toymesa.sweep.run` does with its installs/ cache)."""
+    origins: dict[str, tuple] = {}
+    for c in chunks:
+        keys = install_keys(c)
+        pad = c.size - c.n
+        members = dict(zip(keys, zip(c.seeds + c.seeds[:1] * pad, c.hparams + c.hparams[:1] * pad, strict=True), strict=True))
+        new = [k for k in dict.fromkeys(keys) if k not in origins]
+        population = (tuple(members[k][0] for k in new), tuple(members[k][1] for k in new))
+        origins.update(dict.fromkeys(new, population))
+    return origins
+
+
 def _frame_check(name: str, stored: Path, fresh: pd.DataFrame, how: str) -> Check:
     if not stored.exists():
         return Check(name, "missing", np.nan, f"no stored {stored.name}")
@@ -250,11 +281,15 @@ def verify(
     if not same_code:
         echo(f"code: the run's digest {m.get('code_digest')} differs from the installed {code} (--any-code)")
     checks = []
+    origins = install_origins([c for _, c in pairs])
     for path, chunk in chosen:
         t = time.perf_counter()
         bar = _bar(chunk, path.stem) if progress else None
         try:
-            fresh = sweep.run_chunk(chunk, m["run"], on_steps=bar.update if bar is not None else None, cache=None)
+            with tempfile.TemporaryDirectory() as cache:
+                for origin in dict.fromkeys(origins[k] for k in install_keys(chunk)):
+                    sweep.installed(chunk.cfg, *origin, cache=Path(cache))  # as the run trained them: same population
+                fresh = sweep.run_chunk(chunk, m["run"], on_steps=bar.update if bar is not None else None, cache=Path(cache))
         finally:
             if bar is not None:
                 bar.close()
