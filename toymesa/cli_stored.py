@@ -58,7 +58,7 @@ def claims(
                 console.print(f"rewrote cited numbers in {d}")
         problems = claims_mod.check_docs()
         for p in problems:
-            console.print(p, style="red", soft_wrap=True)
+            console.print(p, style="red", soft_wrap=True, emoji=False)  # "README.md:100:" stays text
         console.print(
             f"{len(problems)} problem(s) in {len(claims_mod.DOCS)} README(s)"
             if problems
@@ -78,7 +78,7 @@ def claims(
         raise FileNotFoundError(f"no ledger at {dest} to check; write one with `toymesa claims {run}`")
     diff = claims_mod.differences(json.loads(dest.read_text()), claims_mod.derive(run))
     for line in diff:
-        console.print(line, style="red", soft_wrap=True)
+        console.print(line, style="red", soft_wrap=True, emoji=False)  # "README.md:100:" stays text
     console.print(
         f"{dest}: {len(diff)} difference(s) from the ledger re-derived from {run}" if diff else f"{dest} agrees with the ledger re-derived from {run}"
     )

@@ -9,7 +9,7 @@ def console():
 
     # markup off: cell ids, labels, paths and spec text are user text, and "[f1baef19f5]" would
     # be read as a style tag and vanish; styles are given explicitly (style=...) instead
-    return Console(width=max(Console().width, 100), markup=False, highlight=False, emoji=False)  # ":100:" stays text
+    return Console(width=max(Console().width, 100), markup=False, highlight=False)
 
 
 def fmt(mean, lo, hi, percent: bool = True) -> str:
