@@ -35,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from toymesa import experiment, store
+from toymesa.stats import is_rate, metrics
 
 ROOT = experiment.ROOT
 DOCS = ("README.md", "experiments/README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "experiments").glob("*/README.md")))
@@ -115,8 +116,6 @@ def runtime(out: Path) -> dict[str, Claim]:
 def generic(out: Path) -> dict[str, Claim]:
     """Claims of an experiment without a claims.py: each hypothesis' verdict and evidence, the
     summary table (``cell.N.METRIC``) and the run's compute time."""
-    from toymesa.report import is_rate, metrics
-
     exp = experiment.for_results(out)
     claims = {}
     for r in exp.verdicts(out).to_dict("records"):

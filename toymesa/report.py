@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from toymesa import experiment, store, verify
+from toymesa.stats import is_rate, metrics
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 .scroll{overflow-x:auto;max-width:100%}
@@ -31,7 +32,6 @@ dl.meta dt{font-weight:bold}dl.meta dd{margin:0;overflow-wrap:anywhere}
 .confirmed{color:#1a7f37;font-weight:bold}.refuted{color:#c62828;font-weight:bold}.inconclusive{color:#9a6700}"""
 
 WORDS = frozenset({"id", "verdict", "registration", "analysis"})  # verdict columns broken only between words
-NOT_RATES = frozenset({"loss", "grad_norm", "reward"})  # metrics that may fall in [0, 1] without being fractions
 
 
 def ci_text(mean: float, lo: float, hi: float, percent: bool = True, width: int = 0) -> str:
@@ -40,19 +40,6 @@ def ci_text(mean: float, lo: float, hi: float, percent: bool = True, width: int 
     if percent:
         return f"{100 * mean:{width}.1f}% [{100 * lo:{width}.1f}, {100 * hi:{width}.1f}]"
     return f"{mean:{width}.3g} [{lo:{width}.3g}, {hi:{width}.3g}]"
-
-
-def metrics(df: pd.DataFrame) -> list[str]:
-    """The columns of `df` that carry a CI (``m`` with ``m_lo`` and ``m_hi``), in order."""
-    return [c for c in df.columns if f"{c}_lo" in df and f"{c}_hi" in df]
-
-
-def is_rate(df: pd.DataFrame, m: str) -> bool:
-    """Whether metric `m` of `df` is a fraction: every finite mean and CI bound in [0, 1]."""
-    if m in NOT_RATES:
-        return False
-    v = pd.to_numeric(df[[m, f"{m}_lo", f"{m}_hi"]].stack(), errors="coerce").dropna()
-    return bool(((v >= 0) & (v <= 1)).all())
 
 
 def _header(col) -> str:

@@ -120,3 +120,19 @@ def summarize(df: pd.DataFrame, by: list[str], metrics: list[str], confidence: f
             row[m], row[f"{m}_lo"], row[f"{m}_hi"] = bootstrap_ci(np.where(bad, np.nan, g[m].to_numpy(float)), confidence)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+NOT_RATES = frozenset({"loss", "grad_norm", "reward"})  # metrics that may fall in [0, 1] without being fractions
+
+
+def metrics(df: pd.DataFrame) -> list[str]:
+    """The columns of `df` that carry a CI (``m`` with ``m_lo`` and ``m_hi``), in order."""
+    return [c for c in df.columns if f"{c}_lo" in df and f"{c}_hi" in df]
+
+
+def is_rate(df: pd.DataFrame, m: str) -> bool:
+    """Whether metric `m` of `df` is a fraction: every finite mean and CI bound in [0, 1]."""
+    if m in NOT_RATES:
+        return False
+    v = pd.to_numeric(df[[m, f"{m}_lo", f"{m}_hi"]].stack(), errors="coerce").dropna()
+    return bool(((v >= 0) & (v <= 1)).all())
