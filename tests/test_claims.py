@@ -60,7 +60,8 @@ LEDGER = {
 README = (
     "The gap is <!--c x/gap-->+0.703 [+0.607, +0.798]<!--/c-->; kept <!--c x/kept pct-->61.9%<!--/c--> "
     + "(<!--c x/kept pct0-->62%<!--/c-->).\n\n<!--c x/table-->\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n<!--/c-->\n"
-    + "```\n12.5% in a code block is output, not a claim\n```\n"
+    + "```\n12.5% in a code block is output, not a claim\n<!--c x/gap-->an example<!--/c-->\n```\n"
+    + "Cite with `<!--c x/kept-->...<!--/c-->`: a marker in code is an example, not a citation.\n"
 )
 
 

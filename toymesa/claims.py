@@ -55,6 +55,7 @@ FORMATS = {
 MARK = re.compile(r"<!--c ([\w.-]+)/([^\s>]+)(?: ([^>]*?))?-->(.*?)<!--/c-->", re.S)
 NOT_A_RUN = re.compile(r"<!--x ([^>]*?)-->(.*?)<!--/x-->", re.S)
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+INLINE_CODE = re.compile(r"`[^`\n]*`")
 RESULT_LIKE = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?%|\[[-+]?\d*\.?\d+%?, [-+]?\d*\.?\d+%?\]")
 
 
@@ -113,14 +114,41 @@ def runtime(out: Path) -> dict[str, Claim]:
     return {"runtime.seconds": number(seconds, spec="{v:.0f} s"), "runtime.minutes": number(seconds / 60, spec="{v:.1f} min")}
 
 
+def verdict_words(judged: pd.DataFrame) -> dict[str, Claim]:
+    """``ID.verdict`` and ``ID.evidence`` of each hypothesis of a verdicts frame."""
+    claims = {}
+    for r in judged.to_dict("records"):
+        claims[f"{r['id']}.verdict"] = Claim(str(r["verdict"]), str(r["verdict"]))
+        claims[f"{r['id']}.evidence"] = Claim(str(r.get("evidence", "")))
+    return claims
+
+
+def run_facts(out: Path, df: pd.DataFrame | None = None) -> dict[str, Claim]:
+    """What a README says about a run itself: its compute time (`runtime`), ``run.date`` (when
+    its last chunk finished), ``run.code_digest``, ``run.cells`` and ``run.seeds`` (of its
+    results frame `df`), and ``run.cores`` (on CPU, one device per core: `toymesa.cli`)."""
+    out = Path(out)
+    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    log = out / "log.jsonl"
+    finished = [json.loads(line)["finished"] for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    claims = runtime(out)
+    if finished:
+        claims["run.date"] = Claim(max(finished)[:10])
+    if meta.get("code_digest"):
+        claims["run.code_digest"] = Claim(meta["code_digest"], meta["code_digest"])
+    if df is not None:
+        claims["run.cells"] = number(df["cell"].nunique(), spec="int")
+        claims["run.seeds"] = number(df["seed"].nunique(), spec="int")
+    if meta.get("devices", {}).get("platform") == "cpu":
+        claims["run.cores"] = number(meta["devices"]["n_devices"], spec="int")
+    return claims
+
+
 def generic(out: Path) -> dict[str, Claim]:
     """Claims of an experiment without a claims.py: each hypothesis' verdict and evidence, the
     summary table (``cell.N.METRIC``) and the run's compute time."""
     exp = experiment.for_results(out)
-    claims = {}
-    for r in exp.verdicts(out).to_dict("records"):
-        claims[f"{r['id']}.verdict"] = Claim(str(r["verdict"]), str(r["verdict"]))
-        claims[f"{r['id']}.evidence"] = Claim(str(r.get("evidence", "")))
+    claims = verdict_words(exp.verdicts(out))
     summary = pd.read_csv(out / "summary.csv")
     for m in metrics(summary):
         claims |= row_claims(summary, "cell", [m], "cell", "pctci" if is_rate(summary, m) else "ci")
@@ -143,10 +171,8 @@ def source(out: Path) -> tuple[str, Path | None]:
     if not (out / "meta.json").exists():
         raise FileNotFoundError(f"{out} is neither a run folder (no meta.json) nor an experiment's results folder with a claims.py beside it")
     name = json.loads((out / "meta.json").read_text())["name"]
-    if name == "demo":
-        from toymesa import demo
-
-        return name, Path(demo.__file__)
+    if name == "demo":  # the built-in demo's claims live beside it in the package
+        return name, Path(__file__).with_name("demo_claims.py")
     path = experiment.EXPERIMENTS / name / "claims.py"
     return name, path if path.exists() else None
 
@@ -222,7 +248,7 @@ def check_text(text: str, doc: str, root: Path = ROOT) -> list[str]:
     """Problems of one README's text: markers whose text differs from their ledger (naming the
     claim, the printed and the ledger text), markers of unknown ledgers or claims, and
     result-like numbers outside markers and code blocks."""
-    marks = list(MARK.finditer(text))
+    marks = _citations(text)
     ledgers = _ledgers({m.group(1) for m in marks}, root)
     problems = []
     for m in marks:
@@ -246,11 +272,19 @@ def check_text(text: str, doc: str, root: Path = ROOT) -> list[str]:
         if not x.group(1).strip():
             problems.append(f"{doc}:{text.count(chr(10), 0, x.start()) + 1}: <!--x--> needs a reason: where the number comes from, if not a run")
     bare = FENCE.sub(_blank, NOT_A_RUN.sub(_blank, MARK.sub(_blank, text)))
-    bare = re.sub(r"`[^`\n]*`", "", bare)
+    bare = INLINE_CODE.sub("", bare)
     for hit in RESULT_LIKE.finditer(bare):
         line = bare.count("\n", 0, hit.start()) + 1
         problems.append(f"{doc}:{line}: {hit.group()!r} looks like a result but cites no claim (wrap it in <!--c LEDGER/ID-->...<!--/c-->)")
     return problems
+
+
+def _citations(text: str) -> list[re.Match]:
+    """The markers of `text` that cite a claim: all but those inside a code block or inline code
+    (examples of the syntax, as in this project's README)."""
+    code = [m.span() for m in FENCE.finditer(text)]
+    code += [m.span() for m in INLINE_CODE.finditer(FENCE.sub(lambda m: " " * len(m.group()), text))]
+    return [m for m in MARK.finditer(text) if not any(a <= m.start() < b for a, b in code)]
 
 
 def _blank(m) -> str:
@@ -270,9 +304,12 @@ def check_docs(root: Path = ROOT, docs=DOCS) -> list[str]:
 
 def fill_text(text: str, root: Path = ROOT) -> str:
     """`text` with every marker's text replaced by its ledger's (unknown claims left as they are)."""
-    ledgers = _ledgers({m.group(1) for m in MARK.finditer(text)}, root)
+    cited = {m.start() for m in _citations(text)}
+    ledgers = _ledgers({m.group(1) for m in _citations(text)}, root)
 
     def one(m) -> str:
+        if m.start() not in cited:  # an example in code, not a citation
+            return m.group()
         name, cid, spec, shown = m.groups()
         want = rendered(ledgers[name], cid, spec)
         head = m.group()[: m.start(4) - m.start()]

@@ -27,6 +27,7 @@ READERS = frozenset(
         "cli.py",
         "cli_stored.py",
         "demo.py",
+        "demo_claims.py",
         "experiment.py",
         "parts.py",
         "plot.py",
@@ -41,7 +42,7 @@ READERS = frozenset(
         "torch_baseline.py",
         "verify.py",
     }
-)  # spec*.py and demo.py only build Configs, which the cache keys hold themselves; show.py only decodes
+)  # spec*.py and demo.py only build Configs, which the cache keys hold themselves; show.py only decodes; claims, demo_claims, verify, report read stored runs
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "pandas")
 
 

@@ -202,6 +202,8 @@ def install_origins(chunks) -> dict[str, tuple]:
     origins: dict[str, tuple] = {}
     for c in chunks:
         keys = install_keys(c)
+        if not keys:  # no safety training: nothing installed
+            continue
         pad = c.size - c.n
         members = dict(zip(keys, zip(c.seeds + c.seeds[:1] * pad, c.hparams + c.hparams[:1] * pad, strict=True), strict=True))
         new = [k for k in dict.fromkeys(keys) if k not in origins]

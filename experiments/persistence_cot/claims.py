@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from toymesa import experiment, prereg, provenance
-from toymesa.claims import Claim, fmt, markdown_table, number
+from toymesa.claims import Claim, fmt, markdown_table, number, run_facts, verdict_words
 
 NAME = "persistence_cot"
 METRICS = {
@@ -56,10 +56,7 @@ def results_claims(table: pd.DataFrame) -> dict[str, Claim]:
 def verdict_claims(exp, out: Path, analysis) -> dict[str, Claim]:
     judged = analysis.verdicts(out)  # the words as each rule judged them
     shown = exp.verdicts(out)  # as toymesa reports them (flags of the registration record added)
-    claims = {}
-    for r in judged.to_dict("records"):
-        claims[f"{r['id']}.verdict"] = Claim(r["verdict"], r["verdict"])
-        claims[f"{r['id']}.evidence"] = Claim(r["evidence"])
+    claims = verdict_words(judged)
     table = shown.assign(verdict="**" + shown["verdict"] + "**")[["id", "prediction", "verdict", "evidence"]]
     claims["table.verdicts"] = Claim(markdown_table(table))
     for hid, ps in analysis.verdict_parts(analysis.frame(out)).items():
@@ -94,26 +91,9 @@ def coverage_claims(analysis) -> dict[str, Claim]:
     return claims
 
 
-def run_claims(out: Path, df: pd.DataFrame) -> dict[str, Claim]:
-    meta = json.loads((out / "meta.json").read_text())
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
-    seconds = sum(e["seconds"] for e in log)
-    claims = {
-        "runtime.seconds": Claim(f"{seconds:.0f} s", seconds),
-        "runtime.minutes": Claim(f"{seconds / 60:.1f} min", seconds / 60),
-        "run.date": Claim(max(e["finished"] for e in log)[:10]),
-        "run.code_digest": Claim(meta["code_digest"], meta["code_digest"]),
-        "run.cells": number(df["cell"].nunique(), spec="int"),
-        "run.seeds": number(df["seed"].nunique(), spec="int"),
-    }
-    if meta["devices"]["platform"] == "cpu":  # one CPU device per core (toymesa.cli)
-        claims["run.cores"] = number(meta["devices"]["n_devices"], spec="int")
-    return claims
-
-
 def claims(out: Path) -> dict[str, Claim]:
     out = Path(out)
     exp = experiment.get(NAME)
     a = exp.analysis
     df = a.frame(out)
-    return results_claims(a.table(out)) | verdict_claims(exp, out, a) | coverage_claims(a) | run_claims(out, df)
+    return results_claims(a.table(out)) | verdict_claims(exp, out, a) | coverage_claims(a) | run_facts(out, df)

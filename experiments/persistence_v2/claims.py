@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from toymesa import experiment, runs, stats
-from toymesa.claims import Claim, fmt, markdown_table, number
+from toymesa.claims import Claim, fmt, markdown_table, number, run_facts, verdict_words
 
 NAME = "persistence_v2"
 METRICS = ("installed", "kept", "untriggered_defection", "helpful_accuracy")
@@ -64,10 +64,7 @@ def results_claims(table: pd.DataFrame) -> dict[str, Claim]:
 def verdict_claims(exp, out: Path, analysis) -> dict[str, Claim]:
     judged = analysis.verdicts(out)  # the words as each rule judged them
     shown = exp.verdicts(out)  # as toymesa reports them (flags of the registration record added)
-    claims = {}
-    for r in judged.to_dict("records"):
-        claims[f"{r['id']}.verdict"] = Claim(r["verdict"], r["verdict"])
-        claims[f"{r['id']}.evidence"] = Claim(r["evidence"])
+    claims = verdict_words(judged)
     table = shown.assign(verdict="**" + shown["verdict"] + "**")[["id", "prediction", "verdict", "evidence"]]
     claims["table.verdicts"] = Claim(markdown_table(table))
     parts = analysis.verdict_parts(analysis.frame(out), analysis.signal(out))
@@ -102,23 +99,9 @@ def census_claims(analysis) -> dict[str, Claim]:
 
 
 def run_claims(out: Path, df: pd.DataFrame) -> dict[str, Claim]:
-    meta = json.loads((out / "meta.json").read_text())
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
-    seconds = sum(e["seconds"] for e in log)
     configs = json.loads((out / "configs.json").read_text())
     installs = {repr(runs.install_config(runs.config_from_dict(c))) for c in configs.values()}
-    claims = {
-        "runtime.seconds": Claim(f"{seconds:.0f} s", seconds),
-        "runtime.minutes": Claim(f"{seconds / 60:.1f} min", seconds / 60),
-        "run.date": Claim(max(e["finished"] for e in log)[:10]),
-        "run.code_digest": Claim(meta["code_digest"], meta["code_digest"]),
-        "run.cells": number(df["cell"].nunique(), spec="int"),
-        "run.seeds": number(df["seed"].nunique(), spec="int"),
-        "run.installs": number(len(installs), spec="int"),
-    }
-    if meta["devices"]["platform"] == "cpu":  # one CPU device per core (toymesa.cli)
-        claims["run.cores"] = number(meta["devices"]["n_devices"], spec="int")
-    return claims
+    return run_facts(out, df) | {"run.installs": number(len(installs), spec="int")}
 
 
 def claims(out: Path) -> dict[str, Claim]:
