@@ -304,8 +304,9 @@ def check_docs(root: Path = ROOT, docs=DOCS) -> list[str]:
 
 def fill_text(text: str, root: Path = ROOT) -> str:
     """`text` with every marker's text replaced by its ledger's (unknown claims left as they are)."""
-    cited = {m.start() for m in _citations(text)}
-    ledgers = _ledgers({m.group(1) for m in _citations(text)}, root)
+    marks = _citations(text)
+    cited = {m.start() for m in marks}
+    ledgers = _ledgers({m.group(1) for m in marks}, root)
 
     def one(m) -> str:
         if m.start() not in cited:  # an example in code, not a citation
