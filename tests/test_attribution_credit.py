@@ -49,12 +49,24 @@ def member(tree, i):
     return jax.tree.map(lambda x: x[i], tree)
 
 
-def test_tracking_leaves_training_unchanged(tracked):
+def test_tracking_leaves_training_unchanged(tracked, same_numbers):
     (_, a, ha), (_, b, hb) = tracked[K], tracked[0]
-    for x, y in zip(jax.tree.leaves(a.train.params), jax.tree.leaves(b.train.params), strict=True):
-        assert np.array_equal(x, y)  # the same safety steps, bit for bit (SFT)
+    for x, y in zip(jax.tree.leaves(key_bias_out(a.train.params, same_numbers)), jax.tree.leaves(key_bias_out(b.train.params, same_numbers)), strict=True):
+        same_numbers(x, y)  # the same safety steps (SFT): bit for bit on the default emitters
     for key in hb:
-        assert np.array_equal(ha[key], hb[key], equal_nan=True)
+        same_numbers(ha[key], hb[key])
+
+
+def key_bias_out(params, same_numbers):
+    """The parameters without the attention's key bias where two programs may round apart: its
+    exact gradient is zero (softmax ignores a constant added to all of a query's scores), so
+    AdamW turns the rounding noise left in it into steps of ~lr (measured 1.6e-4 here, where
+    every other parameter agrees to 5e-8 of a 6e-3 move)."""
+    if same_numbers.bitwise:
+        return params
+    d = CFG.model.d_model
+    key_bias = lambda path: jax.tree_util.keystr(path).endswith("['qkv']['bias'].value")  # noqa: E731
+    return jax.tree_util.tree_map_with_path(lambda p, x: x.at[..., d : 2 * d].set(0) if key_bias(p) else x, params)
 
 
 def test_tracked_steps_are_every_k(tracked):

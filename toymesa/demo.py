@@ -32,16 +32,17 @@ DESCRIPTION = (
 )
 
 
-def spec(n_seeds: int = 8, steps: int | None = None, base: dict | None = None, safety_steps: int = SAFETY_STEPS) -> spec_mod.Spec:
+def spec(n_seeds: int = 8, steps: int | None = None, base: dict | None = None, safety_steps: int = SAFETY_STEPS, rules=RULES, formats=FORMATS) -> spec_mod.Spec:
     """The demo as a sweep spec. `steps` overrides the install length (the warmup
     follows it) and `safety_steps` the safety SFT length; `base` adds or overrides ``group.field``
-    base values (tests shrink the model with it)."""
+    base values (tests shrink the model with it); `rules` x `formats` are the arms (tests run
+    fewer: each arm compiles its own programs)."""
     cfg = demo_config()
     b = {"model": "reference", "task.helpful": cfg.task.helpful, "task.seq_len": "min", "safety.method": cfg.safety.method, "safety.steps": safety_steps}
     if steps is not None:
         b["train.steps"] = steps  # the warmup follows (10% of the steps)
     b.update(base or {})
-    grid = {"task": {"rule": list(RULES), "reasoning": list(FORMATS)}}
+    grid = {"task": {"rule": list(rules), "reasoning": list(formats)}}
     every = min(SAFETY_EVERY, safety_steps)
     raw = {
         "name": "demo",
@@ -96,10 +97,12 @@ def main(
     base: dict | None = None,
     progress: bool = True,
     safety_steps: int = SAFETY_STEPS,
+    rules=RULES,
+    formats=FORMATS,
 ):
     """Run (or resume) the demo sweep, then write its table and figure."""
     t0 = time.perf_counter()
-    sweep.run(spec(n_seeds, steps, base, safety_steps), out, fresh=fresh, echo=echo, progress=progress)
+    sweep.run(spec(n_seeds, steps, base, safety_steps, rules, formats), out, fresh=fresh, echo=echo, progress=progress)
     summary = table(out)
     paths = figures(out)
     return summary, paths, time.perf_counter() - t0
