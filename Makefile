@@ -25,8 +25,10 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(BIN)/toymesa demo
 
+# --dist loadscope: each test module runs on one worker, so its module-scoped fixtures (trained
+# runs) are built once, not once per worker.
 test: install-dev
-	$(BIN)/python -m pytest -q -m "not slow" -n 2
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadscope
 
 test-slow: install-dev
 	$(BIN)/python -m pytest -q -m slow
