@@ -73,6 +73,8 @@ def test_a_tampered_table_fails_and_names_its_column(run_folder, tmp_path):
     v.loc[0, "verdict"] = "refuted"
     store.save_frame(v, out / "verdicts.csv")
     assert {c.name: c for c in verify.tables(out, planned, "bitwise")}["verdicts.csv"].where == "column verdict"
+    r = verify_cmd(out, "--all")  # identical chunks do not pass a run whose tables differ
+    assert r.exit_code == 1 and "identical" in r.output and "summary.csv: different" in r.output and "FAILED" in r.output, r.output
 
 
 def test_other_code_is_refused_unless_asked(run_folder, tmp_path):

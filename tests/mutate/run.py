@@ -58,7 +58,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-COPY = ("toymesa", "tests", "experiments", "pyproject.toml")
+COPY = ("toymesa", "tests", "experiments", "theory", "docs", "README.md", "pyproject.toml")  # the READMEs and ledgers: the claims tests read them
 REQUIRED = ("id", "file", "find", "replace", "tests", "why")
 GUARD_EXIT = 99
 
@@ -138,8 +138,8 @@ def check(m: Mutant) -> None:
 def _ignore(src: str, names: list[str]) -> set[str]:
     skip = {n for n in names if n in ("__pycache__", ".hypothesis", ".pytest_cache", ".ruff_cache") or n.endswith(".pyc")}
     rel = Path(src).resolve().relative_to(ROOT)
-    if len(rel.parts) == 2 and rel.parts[0] == "experiments" and "results" in names:
-        skip.add("results")  # experiments/*/results: stored study outputs, large and never needed
+    if len(rel.parts) == 3 and rel.parts[0] == "experiments" and rel.parts[2] == "results":
+        skip |= {"installs"} & set(names)  # trained parameters (80 MB): the tests read chunks, tables and ledgers
     return skip
 
 
